@@ -1,0 +1,255 @@
+"""The catalog: what is archived, how it was encoded, and what that cost.
+
+Designed for what follows: encodings keep their history (generation, current
+flag, derived-from link) so that lossy and normalized variants and scheduled
+re-compression add rows, not tables. Blob references are foreign keys, so a
+garbage collector can tell what is still in use with one query.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class StorageMode(str, enum.Enum):
+    """How an instance's pixels are kept."""
+
+    PIXELS = "pixels"  # decoded frames, each encoded by a codec
+    PASSTHROUGH = "passthrough"  # already lossy input: original compressed frames, untouched
+    WHOLE = "whole"  # non-image or unusual objects: the whole file, zstd-compressed
+
+
+class InstanceStatus(str, enum.Enum):
+    STORED = "stored"
+    CONFLICT = "conflict"  # same SOP Instance UID as an earlier, different object
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Blob(Base):
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(128), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    patient_name: Mapped[str | None] = mapped_column(String(330), index=True)
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
+    study_time: Mapped[str | None] = mapped_column(String(32))
+    accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_description: Mapped[str | None] = mapped_column(String(256))
+    modalities_in_study: Mapped[str | None] = mapped_column(String(128))
+    num_series: Mapped[int] = mapped_column(default=0)
+    num_instances: Mapped[int] = mapped_column(default=0)
+    bytes_original: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_stored: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.series_number")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(128), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None]
+    series_description: Mapped[str | None] = mapped_column(String(256))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    num_instances: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.instance_number")
+
+
+class Instance(Base):
+    """One archived SOP instance; a conflicting object with a known UID gets its own row."""
+
+    __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("sop_instance_uid", "conflict_seq"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(128), index=True)
+    conflict_seq: Mapped[int] = mapped_column(default=0)  # 0 = first arrival
+    conflict_of_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))
+    status: Mapped[InstanceStatus] = mapped_column(
+        Enum(InstanceStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=InstanceStatus.STORED,
+    )
+    sop_class_uid: Mapped[str | None] = mapped_column(String(128))
+    instance_number: Mapped[int | None]
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(128))  # as received
+    had_file_meta: Mapped[bool] = mapped_column(Boolean, default=True)
+    storage_mode: Mapped[StorageMode] = mapped_column(
+        Enum(StorageMode, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+    )
+    storage_reason: Mapped[str | None] = mapped_column(Text)
+    # pixel geometry as received (side information needed to rebuild Pixel Data)
+    rows: Mapped[int | None]
+    columns: Mapped[int | None]
+    number_of_frames: Mapped[int | None]
+    samples_per_pixel: Mapped[int | None]
+    bits_allocated: Mapped[int | None]
+    bits_stored: Mapped[int | None]
+    high_bit: Mapped[int | None]
+    pixel_representation: Mapped[int | None]
+    photometric_interpretation: Mapped[str | None] = mapped_column(String(32))
+    planar_configuration: Mapped[int | None]
+    pixel_dtype: Mapped[str | None] = mapped_column(String(8))
+    # identity for duplicate detection, independent of transfer syntax
+    header_sha256: Mapped[str] = mapped_column(String(64))
+    pixel_sha256: Mapped[str | None] = mapped_column(String(64))
+    header_blob: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
+    assigned_uids: Mapped[dict[str, Any] | None]  # UIDs medarchive had to create (ACR-NEMA files)
+    source_path: Mapped[str | None] = mapped_column(Text)
+    source_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    source_sha256: Mapped[str | None] = mapped_column(String(64))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+    encodings: Mapped[list[Encoding]] = relationship(
+        back_populates="instance", order_by="Encoding.generation", foreign_keys="Encoding.instance_id"
+    )
+
+
+class Encoding(Base):
+    """One way an instance's pixels are stored, with what it cost in size and error."""
+
+    __tablename__ = "encodings"
+    __table_args__ = (
+        UniqueConstraint("instance_id", "generation"),
+        Index("ix_encodings_current", "instance_id", "is_current"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    generation: Mapped[int] = mapped_column(default=1)
+    is_current: Mapped[bool] = mapped_column(Boolean, default=True)
+    kind: Mapped[str] = mapped_column(String(16))  # lossless | passthrough | whole | lossy | normalized
+    codec_id: Mapped[str] = mapped_column(String(32))  # as configured
+    codec_config: Mapped[dict[str, Any]]
+    actual_codecs: Mapped[dict[str, Any]]  # codec id that really ran -> frame count (fallbacks show here)
+    library_versions: Mapped[dict[str, Any]]
+    side_info: Mapped[dict[str, Any]]  # modality, photometric, bits, value mappings
+    num_frames: Mapped[int] = mapped_column(default=1)
+    bytes_before: Mapped[int] = mapped_column(BigInteger)
+    bytes_after: Mapped[int] = mapped_column(BigInteger)
+    ratio: Mapped[float] = mapped_column(Float)
+    bits_per_pixel: Mapped[float] = mapped_column(Float)
+    mse: Mapped[float | None] = mapped_column(Float)
+    psnr: Mapped[float | None] = mapped_column(Float)  # peak 2**BitsStored - 1; None when exact
+    psnr_range: Mapped[float | None] = mapped_column(Float)  # peak = max - min of the original
+    max_abs_error: Mapped[float | None] = mapped_column(Float)
+    encode_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    decode_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    derived_from_id: Mapped[int | None] = mapped_column(ForeignKey("encodings.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    instance: Mapped[Instance] = relationship(back_populates="encodings", foreign_keys=[instance_id])
+    frames: Mapped[list[EncodedFrame]] = relationship(
+        back_populates="encoding", order_by="EncodedFrame.frame_index", cascade="all, delete-orphan"
+    )
+
+
+class EncodedFrame(Base):
+    """Frame-addressable storage: one blob per frame, so one frame reads alone."""
+
+    __tablename__ = "encoded_frames"
+
+    encoding_id: Mapped[int] = mapped_column(ForeignKey("encodings.id"), primary_key=True)
+    frame_index: Mapped[int] = mapped_column(primary_key=True)
+    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
+    nbytes: Mapped[int] = mapped_column(BigInteger)
+
+    encoding: Mapped[Encoding] = relationship(back_populates="frames")
+
+
+class Job(Base):
+    """A unit of work (an ingest batch now; watcher and re-compression jobs later)."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=JobStatus.QUEUED,
+    )
+    study_uid: Mapped[str | None] = mapped_column(String(128), index=True)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    counts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class QuarantineEntry(Base):
+    """A file that claimed to be DICOM but could not be archived; a copy is kept with the reason."""
+
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source_path: Mapped[str] = mapped_column(Text)
+    stored_path: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    error_type: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(128))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

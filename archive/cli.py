@@ -1,0 +1,252 @@
+"""The ``medarchive`` command: argument parsing and presentation only; the work is in services."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from archive.config import Settings
+from archive.errors import ArchiveError
+from archive.services import query
+from archive.services.ingest import FileOutcome, IngestReport, Outcome, ingest_paths
+from archive.services.retrieve import TRANSFER_SYNTAX_CHOICES, retrieve_study
+from archive.services.runtime import Archive
+
+app = typer.Typer(help="medarchive: archive DICOM studies compressed, verified, and retrievable by Study Instance UID.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Catalog schema.", no_args_is_help=True)
+quarantine_app = typer.Typer(help="Files that could not be archived.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks on a folder of DICOM.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(quarantine_app, name="quarantine")
+app.add_typer(bench_app, name="bench")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _open() -> Archive:
+    return Archive.open(Settings.load())
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def print_ingest_summary(report: IngestReport, out: Console = console) -> None:
+    table = Table(title="Ingest summary", show_header=False, title_justify="left")
+    table.add_column("", style="bold")
+    table.add_column("", justify="right")
+    rows = {
+        "studies": str(len(report.studies)),
+        "instances": str(report.instances),
+        "bytes in": _human(report.bytes_in),
+        "bytes stored": _human(report.bytes_stored),
+        "ratio": f"{report.ratio:.2f}",
+        "seconds": f"{report.seconds:.2f}",
+        "duplicates": str(report.count(Outcome.DUPLICATE)),
+        "conflicts": str(report.count(Outcome.CONFLICT)),
+        "skipped": str(report.count(Outcome.SKIPPED)),
+        "quarantined": str(report.count(Outcome.QUARANTINED)),
+    }
+    for name, value in rows.items():
+        table.add_row(name, value)
+    out.print(table)
+    for label, outcome in (("Skipped", Outcome.SKIPPED), ("Quarantined", Outcome.QUARANTINED), ("Conflicts", Outcome.CONFLICT)):
+        rows = report.with_outcome(outcome)
+        if rows:
+            listing = Table(title=f"{label} ({len(rows)})", show_header=True, title_justify="left")
+            listing.add_column("file", overflow="fold")
+            listing.add_column("reason", overflow="fold")
+            for row in rows:
+                listing.add_row(str(row.path), row.reason)
+            out.print(listing)
+
+
+def run_ingest(archive: Archive, paths: list[Path], codec: dict[str, Any] | None, show_progress: bool) -> IngestReport:
+    with Progress(TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=err_console, disable=not show_progress,
+                  transient=True) as progress:
+        task = progress.add_task("", total=None)
+
+        def discovered(total: int) -> None:
+            progress.update(task, total=total)
+
+        def done(outcome: FileOutcome) -> None:
+            if outcome.outcome is Outcome.SKIPPED and not outcome.path.exists():
+                return
+            progress.update(task, advance=1, description=outcome.path.name)
+
+        return ingest_paths(archive, paths, codec_config=codec, on_discovered=discovered, on_file=done)
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (read recursively, never modified).")],
+    codec: Annotated[Optional[str], typer.Option(help='Codec config as JSON, e.g. \'{"id": "jpegxl", "effort": 7}\'.')] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Archive DICOM files; exits 1 when anything was quarantined."""
+    codec_config = json.loads(codec) if codec else None
+    if codec and not codec.lstrip().startswith("{"):
+        codec_config = {"id": codec}
+    with _open() as archive:
+        report = run_ingest(archive, paths, codec_config, show_progress=not as_json)
+    if as_json:
+        console.print_json(json.dumps({
+            "job_id": report.job_id, "studies": sorted(report.studies), "instances": report.instances,
+            "bytes_in": report.bytes_in, "bytes_stored": report.bytes_stored, "seconds": report.seconds,
+            "files": [{"path": str(o.path), "outcome": o.outcome.value, "reason": o.reason} for o in report.outcomes],
+        }))
+    else:
+        print_ingest_summary(report)
+    quarantined = report.count(Outcome.QUARANTINED)
+    if quarantined:
+        err_console.print(f"[red]{quarantined} file(s) quarantined[/red]: see `medarchive quarantine list`")
+        raise typer.Exit(1)
+
+
+@app.command()
+def studies(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List archived studies."""
+    with _open() as archive:
+        rows = query.list_studies(archive)
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"Studies ({len(rows)})")
+    for column in ("Study Instance UID", "patient", "date", "modalities", "series", "instances", "original", "stored", "ratio"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(r["study_uid"], f"{r['patient_name'] or ''} ({r['patient_id'] or ''})", r["study_date"] or "",
+                      r["modalities"] or "", str(r["series"]), str(r["instances"]), _human(r["bytes_original"]),
+                      _human(r["bytes_stored"]), f"{r['ratio'] or 0:.2f}")
+    console.print(table)
+
+
+@app.command()
+def show(study_uid: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Series, instances, codec, parameters, errors and sizes of one study."""
+    with _open() as archive:
+        study = query.show_study(archive, study_uid)
+    if as_json:
+        console.print_json(json.dumps(study, default=str))
+        return
+    console.print(f"[bold]{study['study_uid']}[/bold]  {study['patient_name'] or ''}  {study['study_date'] or ''}  "
+                  f"{study['modalities'] or ''}  {study['instances']} instances, "
+                  f"{_human(study['bytes_original'])} → {_human(study['bytes_stored'])}")
+    for series in study["series"]:
+        table = Table(title=f"Series {series['series_number']} {series['modality'] or ''} {series['description'] or ''} "
+                            f"({series['series_uid']})", title_justify="left")
+        for column in ("instance", "mode", "codec", "config", "ran", "bytes", "ratio", "bpp", "max err", "PSNR dB", "status"):
+            table.add_column(column, overflow="fold")
+        for inst in series["instances"]:
+            for enc in inst["encodings"]:
+                table.add_row(
+                    inst["sop_instance_uid"], inst["storage_mode"], enc["codec"], json.dumps(enc["config"]),
+                    ",".join(f"{k}×{v}" for k, v in enc["actual_codecs"].items()),
+                    f"{enc['bytes_before']}→{enc['bytes_after']}", f"{enc['ratio']:.2f}", f"{enc['bits_per_pixel']:.3f}",
+                    f"{enc['max_abs_error']:g}" if enc["max_abs_error"] is not None else "-",
+                    "exact" if enc["psnr"] is None and enc["mse"] == 0 else f"{enc['psnr']:.2f}",
+                    inst["status"] + ("" if enc["current"] else " (old)"),
+                )
+        console.print(table)
+
+
+@app.command()
+def get(
+    study_uid: str,
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the DICOM files into.")],
+    transfer_syntax: Annotated[str, typer.Option("--transfer-syntax", help="|".join(TRANSFER_SYNTAX_CHOICES))] = "explicit-le",
+    include_conflicts: Annotated[bool, typer.Option(help="Also write recorded conflicts.")] = False,
+) -> None:
+    """Write a study's instances as DICOM Part 10 files."""
+    with _open() as archive:
+        report = retrieve_study(archive, study_uid, out, transfer_syntax=transfer_syntax,
+                                include_conflicts=include_conflicts)
+    syntaxes = ", ".join(f"{n} {name}" for name, n in report.syntaxes.items())
+    console.print(f"wrote {len(report.files)} instance(s) to {out} ({syntaxes})")
+    for f in report.files:
+        if f.note:
+            console.print(f"  {f.path.name}: {f.note}")
+
+
+@quarantine_app.command("list")
+def quarantine_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Quarantined files, with the reason each was refused."""
+    with _open() as archive:
+        rows = query.list_quarantine(archive)
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"Quarantine ({len(rows)})")
+    for column in ("id", "source", "reason", "copy"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(str(r["id"]), r["source_path"], r["reason"], r["stored_path"])
+    console.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Create or migrate the catalog schema (Alembic)."""
+    settings = Settings.load()
+    Archive.open(settings, migrate=True).close()
+    console.print(f"catalog at {settings.database_url.split('@')[-1]} is at revision {revision}")
+
+
+@bench_app.command("lossless")
+def bench_lossless(
+    folder: Path,
+    repeat: Annotated[int, typer.Option(help="Timing repetitions per image (best is kept).")] = 3,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Bits per pixel and single-thread MB/s of every lossless codec, and the end-to-end ingest rate."""
+    from archive.bench import run_lossless_benchmark
+
+    result = run_lossless_benchmark(folder, repeat=repeat, console=None if as_json else console)
+    if as_json:
+        console.print_json(json.dumps(result))
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="Keep the demo inbox and retrieved files.")] = True,
+) -> None:
+    """Build an inbox from pydicom's real test files plus a generated series, ingest it, retrieve a study."""
+    from archive.demo import build_demo_inbox
+
+    settings = Settings.load()
+    inbox = build_demo_inbox(settings.home / "demo-inbox")
+    console.print(f"demo inbox: {inbox} (home {settings.home})")
+    with Archive.open(settings) as archive:
+        report = run_ingest(archive, [inbox], None, show_progress=True)
+        print_ingest_summary(report)
+        generated = [o for o in report.outcomes if o.outcome is Outcome.STORED and "generated" in str(o.path)]
+        target = generated[0].study_uid if generated else next(iter(sorted(report.studies)))
+        assert target is not None
+        out = settings.home / "demo-retrieved"
+        retrieved = retrieve_study(archive, target, out)
+    console.print(f"retrieved study {target}: {len(retrieved.files)} file(s) in {out}")
+    console.print("next: `medarchive studies`, `medarchive show <uid>`, `medarchive quarantine list`")
+
+
+def main() -> None:
+    try:
+        app()
+    except ArchiveError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(2) from exc
+
+
+if __name__ == "__main__":
+    main()

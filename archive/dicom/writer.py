@@ -1,0 +1,155 @@
+"""Headers out and Part 10 files back: the other half of :mod:`archive.dicom.reader`."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    PYDICOM_IMPLEMENTATION_UID,
+    RLELossless,
+)
+
+from archive.dicom.reader import NATIVE_SYNTAXES, PixelLayout
+
+PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+IMPLEMENTATION_VERSION = "MEDARCHIVE_01"
+#: Requested output syntaxes (CLI names) and their UIDs; "original" is resolved per instance.
+OUTPUT_SYNTAXES: dict[str, UID] = {
+    "explicit-le": ExplicitVRLittleEndian,
+    "jpegls": JPEGLSLossless,
+    "jpeg2000": JPEG2000Lossless,
+}
+#: Compressed syntaxes pydicom can write for us, so "original" can give them back.
+_REENCODABLE = frozenset({RLELossless, JPEGLSLossless, JPEG2000Lossless})
+
+
+@dataclass(frozen=True)
+class SerializedHeader:
+    part10: bytes  # a Part 10 file without Pixel Data, Explicit VR Little Endian
+    dataset_sha256: str  # identity of the data set alone: independent of transfer syntax and file meta
+
+
+def serialize_header(ds: Dataset) -> SerializedHeader:
+    """Everything but Pixel Data, private tags included, as Explicit VR Little Endian."""
+    header = Dataset()
+    for elem in ds:  # a shallow copy keeps raw (unparsed) values as they were read
+        if elem.tag not in PIXEL_TAGS:
+            header.add(elem)
+    header.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    meta = FileMetaDataset()
+    for elem in ds.file_meta:
+        meta.add(copy.deepcopy(elem))
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.7")
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    header.file_meta = meta
+    buffer = io.BytesIO()
+    header.preamble = b"\x00" * 128
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # values are kept as received, valid or not
+        pydicom.dcmwrite(buffer, header, enforce_file_format=True)
+    part10 = buffer.getvalue()
+    meta_end = 132 + 12 + int.from_bytes(part10[140:144], "little")
+    return SerializedHeader(part10=part10, dataset_sha256=hashlib.sha256(part10[meta_end:]).hexdigest())
+
+
+def read_header(part10: bytes) -> Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(io.BytesIO(part10), force=True)
+
+
+def pack_frames(frames: list[np.ndarray], layout: PixelLayout) -> bytes:
+    """Frames back to native little-endian Pixel Data in the layout they came in."""
+    parts = []
+    for frame in frames:
+        array = frame.astype(np.dtype(layout.dtype), copy=False)
+        if layout.samples_per_pixel > 1 and layout.planar_configuration == 1:
+            array = array.transpose(2, 0, 1)
+        parts.append(np.ascontiguousarray(array).tobytes())
+    data = b"".join(parts)
+    return data + b"\x00" if len(data) % 2 else data
+
+
+def attach_native_pixels(ds: Dataset, frames: list[np.ndarray], layout: PixelLayout) -> None:
+    ds.PhotometricInterpretation = layout.output_photometric
+    ds.PixelData = pack_frames(frames, layout)
+    ds["PixelData"].VR = "OW" if layout.bits_allocated > 8 else "OB"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+
+def attach_fragments(ds: Dataset, fragments: list[bytes], transfer_syntax: str) -> None:
+    ds.PixelData = encapsulate(fragments, has_bot=len(fragments) > 1)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+
+
+def to_part10(ds: Dataset, transfer_syntax: UID) -> bytes:
+    """Write ``ds`` (pixels attached, native or encapsulated as its file meta says) as ``transfer_syntax``.
+
+    Re-encodes native pixels with pydicom's encoders where the target is
+    compressed, and checks the result decodes to the same values.
+    """
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    current = UID(ds.file_meta.TransferSyntaxUID)
+    if transfer_syntax != current:
+        if current in NATIVE_SYNTAXES and transfer_syntax in _REENCODABLE:
+            original = ds.pixel_array.copy()
+            kwargs = {"use_mct": False} if transfer_syntax == JPEG2000Lossless else {}
+            ds.compress(transfer_syntax, encoding_plugin="", **kwargs)
+            decoded = pydicom.pixels.pixel_array(ds, raw=True)
+            if not np.array_equal(decoded, original):
+                raise ValueError(f"{transfer_syntax.name} round trip changed pixel values")
+        elif current in NATIVE_SYNTAXES and transfer_syntax in NATIVE_SYNTAXES:
+            if transfer_syntax == ExplicitVRBigEndian and ds.get("BitsAllocated", 8) > 8:
+                swapped = np.frombuffer(ds.PixelData, dtype="<u2").astype(">u2").tobytes()
+                ds.PixelData = swapped
+            ds.file_meta.TransferSyntaxUID = transfer_syntax
+        else:
+            raise ValueError(f"cannot write {current.name} as {transfer_syntax.name}")
+    buffer = io.BytesIO()
+    ds.preamble = b"\x00" * 128
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def original_target(original: str) -> UID:
+    """The syntax ``--transfer-syntax original`` aims for (the caller falls back when writing fails)."""
+    uid = UID(original)
+    if uid in NATIVE_SYNTAXES or uid in _REENCODABLE:
+        return uid
+    return ExplicitVRLittleEndian
+
+
+__all__ = [
+    "OUTPUT_SYNTAXES",
+    "SerializedHeader",
+    "attach_fragments",
+    "attach_native_pixels",
+    "original_target",
+    "pack_frames",
+    "read_header",
+    "serialize_header",
+    "to_part10",
+    "DeflatedExplicitVRLittleEndian",
+    "ImplicitVRLittleEndian",
+]

@@ -1,0 +1,480 @@
+"""Use case: ingest files and folders. Sources are only ever read.
+
+Per file: read and classify (skip / quarantine / archive), hash header and
+pixels for duplicate detection, encode frame by frame, decode what was
+encoded to measure the error (a lossless codec that does not round-trip
+falls back to zstd rather than store wrong pixels), write blobs, then commit
+the catalog rows in one unit of work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select
+
+from archive.catalog.models import (
+    Blob,
+    EncodedFrame,
+    Encoding,
+    Instance,
+    InstanceStatus,
+    Job,
+    JobStatus,
+    QuarantineEntry,
+    Series,
+    StorageMode,
+    Study,
+)
+from archive.codecs import Codec, decode_frame, get_codec, read_frame_header
+from archive.dicom.reader import ParsedInstance, iter_fragments, iter_frames, read_instance
+from archive.dicom.uids import safe_component
+from archive.dicom.writer import serialize_header
+from archive.errors import ArchiveError, InvalidDicomError, NotDicomError
+from archive.services.metrics import ErrorStats
+from archive.services.runtime import Archive
+from archive.services.totals import refresh_study_totals
+from archive.services.unit_of_work import UnitOfWork
+from archive.store.compression import compress_bytes
+
+HIDDEN_OR_TEMPORARY = (".", "~")
+
+
+class Outcome(str, Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+    SKIPPED = "skipped"
+    QUARANTINED = "quarantined"
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    path: Path
+    outcome: Outcome
+    reason: str = ""
+    study_uid: str | None = None
+    bytes_in: int = 0
+    bytes_stored: int = 0
+
+
+@dataclass
+class IngestReport:
+    outcomes: list[FileOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+    job_id: int | None = None
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for o in self.outcomes if o.outcome is outcome)
+
+    @property
+    def studies(self) -> set[str]:
+        return {o.study_uid for o in self.outcomes if o.study_uid and o.outcome is not Outcome.DUPLICATE}
+
+    @property
+    def instances(self) -> int:
+        return self.count(Outcome.STORED) + self.count(Outcome.CONFLICT)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(o.bytes_in for o in self.outcomes if o.outcome in (Outcome.STORED, Outcome.CONFLICT))
+
+    @property
+    def bytes_stored(self) -> int:
+        return sum(o.bytes_stored for o in self.outcomes)
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes_in / self.bytes_stored if self.bytes_stored else 0.0
+
+    def with_outcome(self, outcome: Outcome) -> list[FileOutcome]:
+        return [o for o in self.outcomes if o.outcome is outcome]
+
+
+def discover(paths: Iterable[Path]) -> tuple[list[Path], list[FileOutcome]]:
+    """Files under ``paths`` in a stable order, and those set aside before reading."""
+    found: list[Path] = []
+    skipped: list[FileOutcome] = []
+    for root in paths:
+        root = Path(root)
+        if root.is_file():
+            found.append(root)
+            continue
+        if not root.is_dir():
+            skipped.append(FileOutcome(root, Outcome.SKIPPED, "no such file or folder"))
+            continue
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                path = Path(folder) / name
+                if name.startswith(HIDDEN_OR_TEMPORARY) or name.endswith(("~", ".part", ".tmp")):
+                    skipped.append(FileOutcome(path, Outcome.SKIPPED, "hidden or temporary file"))
+                elif path.is_file():
+                    found.append(path)
+    return found, skipped
+
+
+def ingest_paths(
+    archive: Archive,
+    paths: Sequence[Path],
+    *,
+    codec_config: dict[str, Any] | None = None,
+    on_discovered: Callable[[int], None] | None = None,
+    on_file: Callable[[FileOutcome], None] | None = None,
+) -> IngestReport:
+    """Archive every DICOM file under ``paths``; the report says what happened to each."""
+    started = time.perf_counter()
+    codec = get_codec(codec_config or archive.settings.codec)
+    files, report_skipped = discover(paths)
+    if on_discovered:
+        on_discovered(len(files))
+    report = IngestReport(outcomes=list(report_skipped))
+    with archive.unit_of_work() as uow:
+        job = Job(kind="ingest", status=JobStatus.RUNNING, params={"paths": [str(p) for p in paths],
+                  "codec": codec.get_config()}, started_at=_now())
+        uow.session.add(job)
+        uow.commit()
+        report.job_id = job.id
+    touched: set[int] = set()
+    for path in files:
+        outcome, study_id = ingest_file(archive, path, codec, job_id=report.job_id)
+        report.outcomes.append(outcome)
+        if study_id is not None:
+            touched.add(study_id)
+        if on_file:
+            on_file(outcome)
+    with archive.unit_of_work() as uow:
+        for study_id in touched:
+            refresh_study_totals(uow.session, study_id)
+        job = uow.session.get_one(Job, report.job_id)
+        job.status = JobStatus.DONE
+        job.finished_at = _now()
+        job.counts = {o.value: report.count(o) for o in Outcome}
+        uow.commit()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def ingest_file(archive: Archive, path: Path, codec: Codec, *, job_id: int | None = None) -> tuple[FileOutcome, int | None]:
+    """Archive one file; never raises for bad input (the outcome says what happened)."""
+    try:
+        parsed = read_instance(path)
+        prepared = _prepare(parsed, codec, archive.settings.header_zstd_level)
+    except NotDicomError as exc:
+        return FileOutcome(path, Outcome.SKIPPED, str(exc)), None
+    except InvalidDicomError as exc:
+        return quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id), None
+    except OSError as exc:
+        return FileOutcome(path, Outcome.SKIPPED, f"cannot read: {exc}"), None
+    except Exception as exc:  # a reader or decoder bug on odd input must not stop the batch
+        reason = f"unexpected {type(exc).__name__} while reading: {exc}"
+        return quarantine_file(archive, path, reason, type(exc).__name__, job_id=job_id), None
+    with archive.unit_of_work() as uow:
+        outcome, study_id = _record(uow, prepared, job_id)
+        uow.commit()
+    return outcome, study_id
+
+
+@dataclass
+class _Prepared:
+    parsed: ParsedInstance
+    header_blob: bytes
+    header_sha256: str
+    pixel_sha256: str | None
+    frames: list[np.ndarray] | None  # decoded stored values (PIXELS)
+    fragments: list[bytes] | None  # original compressed frames (PASSTHROUGH)
+    codec: Codec
+
+
+def _prepare(parsed: ParsedInstance, codec: Codec, zstd_level: int) -> _Prepared:
+    header = serialize_header(parsed.dataset)
+    frames: list[np.ndarray] | None = None
+    fragments: list[bytes] | None = None
+    pixel_hash = hashlib.sha256()
+    if parsed.mode is StorageMode.PIXELS:
+        frames = list(iter_frames(parsed))
+        for frame in frames:
+            pixel_hash.update(f"{frame.dtype.str}{frame.shape}".encode())
+            pixel_hash.update(frame.tobytes())
+        header_blob = compress_bytes(header.part10, zstd_level)
+    elif parsed.mode is StorageMode.PASSTHROUGH:
+        fragments = list(iter_fragments(parsed))
+        for fragment in fragments:
+            pixel_hash.update(len(fragment).to_bytes(8, "little"))
+            pixel_hash.update(fragment)
+        header_blob = compress_bytes(header.part10, zstd_level)
+    else:
+        pixel = parsed.dataset.get("PixelData")
+        if pixel is None:
+            pixel_hash = None  # type: ignore[assignment]
+        else:
+            pixel_hash.update(bytes(pixel))
+        header_blob = compress_bytes(parsed.source_bytes, zstd_level)  # the whole object is the header
+    return _Prepared(
+        parsed=parsed,
+        header_blob=header_blob,
+        header_sha256=header.dataset_sha256,
+        pixel_sha256=pixel_hash.hexdigest() if pixel_hash is not None else None,
+        frames=frames,
+        fragments=fragments,
+        codec=codec,
+    )
+
+
+def _record(uow: UnitOfWork, prepared: _Prepared, job_id: int | None) -> tuple[FileOutcome, int | None]:
+    parsed = prepared.parsed
+    session = uow.session
+    existing = session.scalars(
+        select(Instance).where(Instance.sop_instance_uid == parsed.sop_instance_uid).order_by(Instance.conflict_seq)
+    ).all()
+    for other in existing:
+        if other.header_sha256 == prepared.header_sha256 and other.pixel_sha256 == prepared.pixel_sha256:
+            return FileOutcome(parsed.source_path, Outcome.DUPLICATE,
+                               f"same SOP instance as already archived (instance {other.id})",
+                               study_uid=parsed.study_uid), None
+
+    study = _get_or_create_study(uow, parsed)
+    series = _get_or_create_series(uow, parsed, study)
+    header_digest = _put_blob(uow, prepared.header_blob)
+    layout = parsed.layout
+    instance = Instance(
+        series=series,
+        sop_instance_uid=parsed.sop_instance_uid,
+        conflict_seq=(existing[-1].conflict_seq + 1) if existing else 0,
+        conflict_of_id=existing[0].id if existing else None,
+        status=InstanceStatus.CONFLICT if existing else InstanceStatus.STORED,
+        sop_class_uid=parsed.sop_class_uid,
+        instance_number=parsed.integer("InstanceNumber"),
+        transfer_syntax_uid=parsed.transfer_syntax_uid,
+        had_file_meta=parsed.had_file_meta,
+        storage_mode=parsed.mode,
+        storage_reason=parsed.mode_reason,
+        rows=layout.rows if layout else None,
+        columns=layout.columns if layout else None,
+        number_of_frames=layout.number_of_frames if layout else None,
+        samples_per_pixel=layout.samples_per_pixel if layout else None,
+        bits_allocated=layout.bits_allocated if layout else None,
+        bits_stored=layout.bits_stored if layout else None,
+        high_bit=layout.high_bit if layout else None,
+        pixel_representation=layout.pixel_representation if layout else None,
+        photometric_interpretation=layout.photometric_interpretation if layout else None,
+        planar_configuration=layout.planar_configuration if layout else None,
+        pixel_dtype=layout.dtype if layout else None,
+        header_sha256=prepared.header_sha256,
+        pixel_sha256=prepared.pixel_sha256,
+        header_blob=header_digest,
+        assigned_uids=parsed.assigned_uids or None,
+        source_path=str(parsed.source_path),
+        source_size=len(parsed.source_bytes),
+        source_sha256=parsed.source_sha256,
+        job_id=job_id,
+    )
+    session.add(instance)
+    encoding = _encode(uow, prepared, instance)
+    session.add(encoding)
+    session.flush()
+    stored = len(prepared.header_blob) + (encoding.bytes_after if parsed.mode is not StorageMode.WHOLE else 0)
+    if existing:
+        outcome = FileOutcome(parsed.source_path, Outcome.CONFLICT,
+                              f"SOP Instance UID already archived with different content (instance {existing[0].id}); "
+                              "kept as a recorded conflict", parsed.study_uid, len(parsed.source_bytes), stored)
+    else:
+        outcome = FileOutcome(parsed.source_path, Outcome.STORED, parsed.mode_reason, parsed.study_uid,
+                              len(parsed.source_bytes), stored)
+    return outcome, study.id
+
+
+def _encode(uow: UnitOfWork, prepared: _Prepared, instance: Instance) -> Encoding:
+    parsed = prepared.parsed
+    layout = parsed.layout
+    side_info: dict[str, Any] = {"modality": parsed.text("Modality")}
+    if layout is not None:
+        side_info.update(
+            photometric=layout.output_photometric,
+            bits_allocated=layout.bits_allocated,
+            bits_stored=layout.bits_stored,
+            pixel_representation=layout.pixel_representation,
+            dtype=layout.dtype,
+            frame_shape=list(layout.frame_shape),
+        )
+    if parsed.mode is StorageMode.PIXELS:
+        assert prepared.frames is not None and layout is not None
+        return _encode_pixels(uow, prepared, prepared.frames, layout.bits_stored, layout.total_pixels,
+                              layout.frame_bytes * layout.number_of_frames, side_info, instance)
+    if parsed.mode is StorageMode.PASSTHROUGH:
+        assert prepared.fragments is not None and layout is not None
+        frames = [EncodedFrame(frame_index=i, blob_sha256=_put_blob(uow, f), nbytes=len(f))
+                  for i, f in enumerate(prepared.fragments)]
+        after = sum(len(f) for f in prepared.fragments)
+        before = layout.frame_bytes * layout.number_of_frames
+        return Encoding(
+            instance=instance, generation=1, is_current=True, kind="passthrough", codec_id="passthrough",
+            codec_config={"id": "passthrough", "transfer_syntax": parsed.transfer_syntax_uid},
+            actual_codecs={"passthrough": len(frames)}, library_versions={}, side_info=side_info,
+            num_frames=len(frames), bytes_before=before, bytes_after=after, ratio=before / max(after, 1),
+            bits_per_pixel=after * 8 / max(layout.total_pixels, 1), mse=0.0, psnr=None, psnr_range=None,
+            max_abs_error=0.0, frames=frames,
+        )
+    # WHOLE: the header blob is the whole object; the encoding records what that cost
+    size = len(prepared.header_blob)
+    pixels = layout.total_pixels if layout else 0
+    return Encoding(
+        instance=instance, generation=1, is_current=True, kind="whole", codec_id="zstd",
+        codec_config={"id": "zstd", "level": 0, "scope": "whole file"}, actual_codecs={"zstd": 1},
+        library_versions=_zstd_versions(), side_info=side_info, num_frames=0,
+        bytes_before=len(parsed.source_bytes), bytes_after=size, ratio=len(parsed.source_bytes) / max(size, 1),
+        bits_per_pixel=size * 8 / pixels if pixels else 0.0, mse=0.0, psnr=None, psnr_range=None, max_abs_error=0.0,
+        frames=[],
+    )
+
+
+def _encode_pixels(
+    uow: UnitOfWork,
+    prepared: _Prepared,
+    frames: list[np.ndarray],
+    bits_stored: int,
+    total_pixels: int,
+    bytes_before: int,
+    side_info: dict[str, Any],
+    instance: Instance,
+) -> Encoding:
+    codec = prepared.codec
+    fallback = get_codec({"id": "zstd"})
+    stats = ErrorStats(peak=float(2**bits_stored - 1))
+    actual: Counter[str] = Counter()
+    offsets: list[int] = []
+    encoded_frames: list[EncodedFrame] = []
+    encode_s = decode_s = 0.0
+    after = 0
+    for index, frame in enumerate(frames):
+        t0 = time.perf_counter()
+        data = codec.encode(frame)
+        t1 = time.perf_counter()
+        decoded = decode_frame(data)
+        t2 = time.perf_counter()
+        encode_s += t1 - t0
+        decode_s += t2 - t1
+        if codec.lossless and not np.array_equal(decoded, frame):
+            data = fallback.encode(frame)  # never keep a "lossless" frame that does not round-trip
+            decoded = decode_frame(data)
+            if not np.array_equal(decoded, frame):
+                raise ArchiveError(f"frame {index} of {prepared.parsed.source_path} does not round-trip through zstd")
+        stats.add(frame, decoded)
+        header = read_frame_header(data)
+        actual[header.codec_id] += 1
+        offsets.append(header.offset)
+        encoded_frames.append(EncodedFrame(frame_index=index, blob_sha256=_put_blob(uow, data), nbytes=len(data)))
+        after += len(data)
+    side_info["value_offsets"] = offsets if len(offsets) <= 64 else {"min": min(offsets), "max": max(offsets)}
+    return Encoding(
+        instance=instance,
+        generation=1,
+        is_current=True,
+        kind="lossless" if codec.lossless else "lossy",
+        codec_id=codec.codec_id,
+        codec_config=codec.get_config(),
+        actual_codecs=dict(actual),
+        library_versions=codec.library_versions(),
+        side_info=side_info,
+        num_frames=len(frames),
+        bytes_before=bytes_before,
+        bytes_after=after,
+        ratio=bytes_before / max(after, 1),
+        bits_per_pixel=after * 8 / max(total_pixels, 1),
+        mse=stats.mse,
+        psnr=stats.psnr,
+        psnr_range=stats.psnr_range,
+        max_abs_error=stats.max_abs_error,
+        encode_ms=encode_s * 1000,
+        decode_ms=decode_s * 1000,
+        frames=encoded_frames,
+    )
+
+
+def _put_blob(uow: UnitOfWork, data: bytes) -> str:
+    digest = uow.store.put(data)
+    if uow.session.get(Blob, digest) is None:
+        uow.session.add(Blob(sha256=digest, size=len(data)))
+        uow.session.flush()
+    return digest
+
+
+def _get_or_create_study(uow: UnitOfWork, parsed: ParsedInstance) -> Study:
+    study = uow.session.scalar(select(Study).where(Study.study_uid == parsed.study_uid))
+    if study is None:
+        study = Study(
+            study_uid=parsed.study_uid,
+            patient_id=parsed.text("PatientID"),
+            patient_name=parsed.text("PatientName"),
+            study_date=(parsed.text("StudyDate") or "")[:8] or None,
+            study_time=parsed.text("StudyTime"),
+            accession_number=parsed.text("AccessionNumber"),
+            study_description=(parsed.text("StudyDescription") or "")[:256] or None,
+        )
+        uow.session.add(study)
+        uow.session.flush()
+    return study
+
+
+def _get_or_create_series(uow: UnitOfWork, parsed: ParsedInstance, study: Study) -> Series:
+    series = uow.session.scalar(select(Series).where(Series.series_uid == parsed.series_uid))
+    if series is None:
+        series = Series(
+            study=study,
+            series_uid=parsed.series_uid,
+            modality=parsed.text("Modality"),
+            series_number=parsed.integer("SeriesNumber"),
+            series_description=(parsed.text("SeriesDescription") or "")[:256] or None,
+            body_part=parsed.text("BodyPartExamined"),
+        )
+        uow.session.add(series)
+        uow.session.flush()
+    return series
+
+
+def quarantine_file(archive: Archive, path: Path, reason: str, error_type: str, *, job_id: int | None = None) -> FileOutcome:
+    """Copy ``path`` into the quarantine folder with its reason; the source is left as it is."""
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    folder = archive.settings.quarantine_dir / digest[:2]
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{digest}__{safe_component(path.name)}"
+    if not target.exists():
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
+        target.with_name(target.name + ".reason.txt").write_text(f"{path}\n{error_type}: {reason}\n")
+    with archive.unit_of_work() as uow:
+        known = uow.session.scalar(
+            select(func.count()).select_from(QuarantineEntry).where(
+                QuarantineEntry.sha256 == digest, QuarantineEntry.source_path == str(path)
+            )
+        )
+        if not known:
+            uow.session.add(QuarantineEntry(
+                source_path=str(path), stored_path=str(target), reason=reason, error_type=error_type,
+                sha256=digest, size=len(data), job_id=job_id,
+            ))
+            uow.commit()
+    return FileOutcome(path, Outcome.QUARANTINED, reason, bytes_in=len(data))
+
+
+def _zstd_versions() -> dict[str, str]:
+    import imagecodecs
+
+    return {"imagecodecs": imagecodecs.__version__, "zstd": imagecodecs.zstd_version()}
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

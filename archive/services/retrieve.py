@@ -1,0 +1,180 @@
+"""Use case: give a study back as DICOM Part 10 files, or one frame alone."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from archive.catalog.models import Encoding, Instance, InstanceStatus, Series, StorageMode, Study
+from archive.codecs import decode_frame
+from archive.dicom.reader import PixelLayout
+from archive.dicom.uids import safe_component
+from archive.dicom.writer import (
+    OUTPUT_SYNTAXES,
+    attach_fragments,
+    attach_native_pixels,
+    original_target,
+    read_header,
+    to_part10,
+)
+from archive.errors import ArchiveError, NotFoundError
+from archive.services.runtime import Archive
+from archive.services.unit_of_work import UnitOfWork
+from archive.store.compression import decompress_bytes
+
+TRANSFER_SYNTAX_CHOICES = ("explicit-le", "jpegls", "jpeg2000", "original")
+
+
+@dataclass
+class RetrievedInstance:
+    path: Path
+    sop_instance_uid: str
+    transfer_syntax: str
+    note: str = ""
+
+
+@dataclass
+class RetrieveReport:
+    study_uid: str
+    files: list[RetrievedInstance] = field(default_factory=list)
+
+    @property
+    def syntaxes(self) -> Counter[str]:
+        return Counter(UID(f.transfer_syntax).name for f in self.files)
+
+
+def retrieve_study(
+    archive: Archive,
+    study_uid: str,
+    out_dir: Path,
+    *,
+    transfer_syntax: str = "explicit-le",
+    include_conflicts: bool = False,
+) -> RetrieveReport:
+    """Write one Part 10 file per instance under ``out_dir/<series>/<instance>.dcm``."""
+    if transfer_syntax not in TRANSFER_SYNTAX_CHOICES:
+        raise ArchiveError(f"unknown transfer syntax {transfer_syntax!r}; choose from {', '.join(TRANSFER_SYNTAX_CHOICES)}")
+    report = RetrieveReport(study_uid)
+    out_dir = Path(out_dir)
+    with archive.unit_of_work() as uow:
+        study = uow.session.scalar(select(Study).where(Study.study_uid == study_uid))
+        if study is None:
+            raise NotFoundError(f"no study with Study Instance UID {study_uid!r}")
+        instances = uow.session.scalars(
+            select(Instance)
+            .join(Series)
+            .where(Series.study_id == study.id)
+            .options(selectinload(Instance.series), selectinload(Instance.encodings).selectinload(Encoding.frames))
+            .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
+        ).all()
+        for instance in instances:
+            if instance.status is InstanceStatus.CONFLICT and not include_conflicts:
+                continue
+            data, syntax, note = instance_part10(uow, instance, transfer_syntax)
+            name = safe_component(instance.sop_instance_uid)
+            if instance.conflict_seq:
+                name += f".conflict-{instance.conflict_seq}"
+            target = out_dir / safe_component(instance.series.series_uid) / f"{name}.dcm"
+            _write_atomically(target, data, out_dir)
+            report.files.append(RetrievedInstance(target, instance.sop_instance_uid, str(syntax), note))
+    return report
+
+
+def instance_part10(uow: UnitOfWork, instance: Instance, transfer_syntax: str) -> tuple[bytes, UID, str]:
+    """One instance as Part 10 bytes, the syntax actually written, and why it differs if it does."""
+    header = decompress_bytes(uow.store.get(instance.header_blob))
+    ds = read_header(header)
+    original = UID(instance.transfer_syntax_uid)
+    if instance.storage_mode is StorageMode.WHOLE:
+        ds.file_meta.TransferSyntaxUID = original  # the whole object, exactly as it arrived
+        target = original if transfer_syntax in ("original", "jpegls", "jpeg2000") else ExplicitVRLittleEndian
+        note = "" if transfer_syntax in ("original", "explicit-le") else "kept whole: given back as received"
+        return _write(ds, target, original, note)
+    encoding = current_encoding(instance)
+    blobs = [uow.store.get(f.blob_sha256) for f in encoding.frames]
+    if instance.storage_mode is StorageMode.PASSTHROUGH:
+        attach_fragments(ds, blobs, instance.transfer_syntax_uid)
+        if transfer_syntax == "explicit-le":
+            ds.decompress()  # lossy input decoded for viewers that need native pixels
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            return _write(ds, ExplicitVRLittleEndian, original, "lossy original decoded to native pixels")
+        note = "" if transfer_syntax == "original" else "lossy original kept in its own transfer syntax"
+        return _write(ds, original, original, note)
+    layout = layout_of(instance)
+    attach_native_pixels(ds, [decode_frame(b) for b in blobs], layout)
+    target = original_target(original) if transfer_syntax == "original" else OUTPUT_SYNTAXES[transfer_syntax]
+    note = ""
+    if transfer_syntax == "original" and target != original:
+        note = f"{original.name} cannot be written: given as {target.name}"
+    return _write(ds, target, original, note)
+
+
+def _write(ds: Dataset, target: UID, original: UID, note: str) -> tuple[bytes, UID, str]:
+    try:
+        return to_part10(ds, target), target, note
+    except Exception as exc:  # an encoder that cannot take this image: native pixels are always possible
+        if UID(ds.file_meta.TransferSyntaxUID) != ExplicitVRLittleEndian and not ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
+            raise ArchiveError(f"cannot write {target.name}: {exc}") from exc
+        return to_part10(ds, ExplicitVRLittleEndian), ExplicitVRLittleEndian, f"{target.name} failed ({exc}): native pixels"
+
+
+def current_encoding(instance: Instance) -> Encoding:
+    for encoding in instance.encodings:
+        if encoding.is_current:
+            return encoding
+    raise ArchiveError(f"instance {instance.sop_instance_uid} has no current encoding")
+
+
+def layout_of(instance: Instance) -> PixelLayout:
+    encoding = current_encoding(instance)
+    assert instance.rows and instance.columns and instance.bits_allocated and instance.pixel_dtype
+    return PixelLayout(
+        rows=instance.rows,
+        columns=instance.columns,
+        samples_per_pixel=instance.samples_per_pixel or 1,
+        number_of_frames=instance.number_of_frames or 1,
+        bits_allocated=instance.bits_allocated,
+        bits_stored=instance.bits_stored or instance.bits_allocated,
+        high_bit=instance.high_bit or 0,
+        pixel_representation=instance.pixel_representation or 0,
+        photometric_interpretation=instance.photometric_interpretation or "MONOCHROME2",
+        planar_configuration=instance.planar_configuration,
+        dtype=instance.pixel_dtype,
+        output_photometric=str(encoding.side_info.get("photometric") or instance.photometric_interpretation),
+    )
+
+
+def read_frame(archive: Archive, sop_instance_uid: str, index: int) -> np.ndarray:
+    """One frame of an archived instance, decoded alone (frames are stored one blob each)."""
+    with archive.unit_of_work() as uow:
+        instance = uow.session.scalar(
+            select(Instance).where(Instance.sop_instance_uid == sop_instance_uid, Instance.conflict_seq == 0)
+        )
+        if instance is None:
+            raise NotFoundError(f"no instance with SOP Instance UID {sop_instance_uid!r}")
+        if instance.storage_mode is not StorageMode.PIXELS:
+            raise ArchiveError(f"instance {sop_instance_uid} is stored {instance.storage_mode.value}, not as frames")
+        frames = current_encoding(instance).frames
+        if not 0 <= index < len(frames):
+            raise NotFoundError(f"instance {sop_instance_uid} has {len(frames)} frames, not {index + 1}")
+        return decode_frame(uow.store.get(frames[index].blob_sha256))
+
+
+def _write_atomically(target: Path, data: bytes, root: Path) -> None:
+    resolved_root = root.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if resolved_root not in target.resolve().parents:
+        raise ArchiveError(f"refusing to write outside {root}: {target}")
+    tmp = target.with_name(target.name + ".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)

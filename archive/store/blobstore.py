@@ -1,0 +1,104 @@
+"""A content-addressed blob store: a blob's name is the sha256 of its bytes.
+
+Writes are atomic (temporary file, fsync, rename, fsync of the folder) so a
+crash leaves either the whole blob or nothing; every read re-hashes, so a
+flipped bit on disk is an error, never wrong pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from archive.errors import BlobCorruptError, BlobNotFoundError
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class BlobStore(Protocol):
+    """What the services need from a store; a file system or an object store."""
+
+    def put(self, data: bytes) -> str: ...
+
+    def get(self, digest: str) -> bytes: ...
+
+    def exists(self, digest: str) -> bool: ...
+
+    def delete(self, digest: str) -> None: ...
+
+    def digests(self) -> Iterator[str]: ...
+
+
+class FileBlobStore:
+    """Blobs as files under ``root/ab/cd/abcd…`` (two fan-out levels)."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+
+    def path_for(self, digest: str) -> Path:
+        if not _HEX64.match(digest):
+            raise ValueError(f"not a sha256 hex digest: {digest!r}")
+        return self.root / digest[:2] / digest[2:4] / digest
+
+    def put(self, data: bytes) -> str:
+        digest = sha256_hex(data)
+        target = self.path_for(digest)
+        if target.exists() and target.stat().st_size == len(data):
+            return digest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                if self.fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            os.replace(tmp_name, target)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            _fsync_dir(target.parent)
+        return digest
+
+    def get(self, digest: str) -> bytes:
+        path = self.path_for(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise BlobNotFoundError(f"blob {digest} is missing from {self.root}") from exc
+        actual = sha256_hex(data)
+        if actual != digest:
+            raise BlobCorruptError(f"blob {digest} is corrupt: its content hashes to {actual}")
+        return data
+
+    def exists(self, digest: str) -> bool:
+        return self.path_for(digest).exists()
+
+    def delete(self, digest: str) -> None:
+        self.path_for(digest).unlink(missing_ok=True)
+
+    def digests(self) -> Iterator[str]:
+        if not self.root.exists():
+            return
+        for path in self.root.glob("*/*/*"):
+            if _HEX64.match(path.name):
+                yield path.name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
