@@ -19,7 +19,7 @@ import importlib.metadata
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Self, TypeVar, cast
+from typing import Any, ClassVar, Self
 
 import imagecodecs
 import numpy as np
@@ -62,10 +62,7 @@ class EncodedPayload:
     offset: int = 0
 
 
-ConfigT = TypeVar("ConfigT", bound=CodecConfig)
-
-
-class Codec(abc.ABC, Generic[ConfigT]):
+class Codec(abc.ABC):
     """A lossless (or not) frame codec. Immutable; equal when configs are equal."""
 
     codec_id: ClassVar[str]
@@ -73,11 +70,11 @@ class Codec(abc.ABC, Generic[ConfigT]):
     config_class: ClassVar[type[CodecConfig]]
 
     __slots__ = ("_config",)
-    _config: ConfigT
+    _config: CodecConfig
 
-    def __init__(self, config: ConfigT | None = None) -> None:
+    def __init__(self, config: CodecConfig | None = None) -> None:
         if config is None:
-            config = cast(ConfigT, self.config_class())
+            config = self.config_class()
         if type(config) is not self.config_class:
             raise CodecError(
                 f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
@@ -91,11 +88,12 @@ class Codec(abc.ABC, Generic[ConfigT]):
         raise AttributeError(f"{type(self).__name__} is immutable")
 
     @property
-    def config(self) -> ConfigT:
+    def config(self) -> CodecConfig:
+        """The frozen parameter dataclass (subclasses narrow the type)."""
         return self._config
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and cast(Codec[Any], other)._config == self._config
+        return isinstance(other, Codec) and type(other) is type(self) and other._config == self._config
 
     def __hash__(self) -> int:
         return hash((type(self), self._config))
@@ -122,7 +120,7 @@ class Codec(abc.ABC, Generic[ConfigT]):
         unknown = sorted(set(params) - known)
         if unknown:
             raise CodecError(f"unknown parameter(s) for codec {cls.codec_id!r}: {unknown}")
-        return cls(cast(ConfigT, cls.config_class(**params)))
+        return cls(cls.config_class(**params))
 
     def library_versions(self) -> dict[str, str]:
         """Versions of the libraries this codec (and its zstd fallback) uses."""

@@ -8,7 +8,7 @@ transform (``rgb=True``), which roughly halves the size on ultrasound.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import imagecodecs
 
@@ -22,11 +22,15 @@ class Htj2kConfig(CodecConfig):
     """HTJ2K lossless has no parameters."""
 
 
-class Htj2kCodec(Codec[Htj2kConfig]):
+class Htj2kCodec(Codec):
     codec_id: ClassVar[str] = "htj2k"
     lossless: ClassVar[bool] = True
     config_class: ClassVar[type[CodecConfig]] = Htj2kConfig
     __slots__ = ()
+
+    @property
+    def config(self) -> Htj2kConfig:
+        return cast(Htj2kConfig, self._config)
 
     def _encode_payload(self, arr: Pixels) -> EncodedPayload | None:
         if not is_gray_or_rgb(arr):

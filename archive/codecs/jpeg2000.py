@@ -9,7 +9,7 @@ the CT set this is as small as the offset-to-unsigned mapping (4.842 vs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import imagecodecs
 
@@ -23,11 +23,15 @@ class Jpeg2000Config(CodecConfig):
     """JPEG 2000 lossless has no parameters."""
 
 
-class Jpeg2000Codec(Codec[Jpeg2000Config]):
+class Jpeg2000Codec(Codec):
     codec_id: ClassVar[str] = "jpeg2000"
     lossless: ClassVar[bool] = True
     config_class: ClassVar[type[CodecConfig]] = Jpeg2000Config
     __slots__ = ()
+
+    @property
+    def config(self) -> Jpeg2000Config:
+        return cast(Jpeg2000Config, self._config)
 
     def _encode_payload(self, arr: Pixels) -> EncodedPayload | None:
         if not is_gray_or_rgb(arr):

@@ -12,7 +12,7 @@ colour images we measured. Decoding uses imagecodecs (same CharLS, faster).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import imagecodecs
 import jpeg_ls
@@ -30,11 +30,15 @@ class JpegLSConfig(CodecConfig):
     """JPEG-LS lossless has no parameters."""
 
 
-class JpegLSCodec(Codec[JpegLSConfig]):
+class JpegLSCodec(Codec):
     codec_id: ClassVar[str] = "jpegls"
     lossless: ClassVar[bool] = True
     config_class: ClassVar[type[CodecConfig]] = JpegLSConfig
     __slots__ = ()
+
+    @property
+    def config(self) -> JpegLSConfig:
+        return cast(JpegLSConfig, self._config)
 
     def _encode_payload(self, arr: Pixels) -> EncodedPayload | None:
         if not is_gray_or_rgb(arr):

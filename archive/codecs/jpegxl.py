@@ -9,7 +9,7 @@ e7 4.48 bpp at ~5 MB/s, e3 4.59 bpp at ~44 MB/s on CT).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import imagecodecs
 
@@ -26,11 +26,15 @@ class JpegXLConfig(CodecConfig):
         check_int("jpegxl effort", self.effort, 1, 9)
 
 
-class JpegXLCodec(Codec[JpegXLConfig]):
+class JpegXLCodec(Codec):
     codec_id: ClassVar[str] = "jpegxl"
     lossless: ClassVar[bool] = True
     config_class: ClassVar[type[CodecConfig]] = JpegXLConfig
     __slots__ = ()
+
+    @property
+    def config(self) -> JpegXLConfig:
+        return cast(JpegXLConfig, self._config)
 
     def _encode_payload(self, arr: Pixels) -> EncodedPayload | None:
         if not is_gray_or_rgb(arr):

@@ -13,7 +13,7 @@ from archive.codecs.jpegxl import JpegXLCodec
 from archive.codecs.zstd import ZstdCodec
 from archive.errors import CodecError
 
-BUILTIN_CODECS: tuple[type[Codec[Any]], ...] = (
+BUILTIN_CODECS: tuple[type[Codec], ...] = (
     JpegLSCodec,
     Jpeg2000Codec,
     Htj2kCodec,
@@ -21,9 +21,9 @@ BUILTIN_CODECS: tuple[type[Codec[Any]], ...] = (
     ZstdCodec,
 )
 
-_REGISTRY: dict[str, type[Codec[Any]]] = {cls.codec_id: cls for cls in BUILTIN_CODECS}
+_REGISTRY: dict[str, type[Codec]] = {cls.codec_id: cls for cls in BUILTIN_CODECS}
 
-C = TypeVar("C", bound=type[Codec[Any]])
+C = TypeVar("C", bound=type[Codec])
 
 
 def register_codec(cls: C) -> C:
@@ -49,14 +49,14 @@ def registered_codecs() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def codec_class(codec_id: str) -> type[Codec[Any]]:
+def codec_class(codec_id: str) -> type[Codec]:
     try:
         return _REGISTRY[codec_id]
     except KeyError:
         raise CodecError(f"unknown codec id {codec_id!r}; known: {registered_codecs()}") from None
 
 
-def get_codec(config: Mapping[str, Any]) -> Codec[Any]:
+def get_codec(config: Mapping[str, Any]) -> Codec:
     """Build a codec from a config dict; ``config["id"]`` picks the class."""
     if not isinstance(config, Mapping):
         raise CodecError(f"codec config must be a mapping, not {type(config).__name__}")

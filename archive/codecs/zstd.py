@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from archive.codecs._pixels import Pixels, zstd_decode_raw, zstd_encode_raw
 from archive.codecs.base import Codec, CodecConfig, EncodedPayload, check_int
@@ -18,11 +18,15 @@ class ZstdConfig(CodecConfig):
         check_int("zstd level", self.level, 1, 22)
 
 
-class ZstdCodec(Codec[ZstdConfig]):
+class ZstdCodec(Codec):
     codec_id: ClassVar[str] = "zstd"
     lossless: ClassVar[bool] = True
     config_class: ClassVar[type[CodecConfig]] = ZstdConfig
     __slots__ = ()
+
+    @property
+    def config(self) -> ZstdConfig:
+        return cast(ZstdConfig, self._config)
 
     def _encode_payload(self, arr: Pixels) -> EncodedPayload | None:
         return EncodedPayload(zstd_encode_raw(arr, self.config.level), arr.dtype)

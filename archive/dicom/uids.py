@@ -45,3 +45,8 @@ def derived_uid(*parts: str) -> str:
     """A deterministic UID under the UUID-derived root 2.25 (PS3.5 B.2) from ``parts``."""
     digest = hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogateescape")).digest()[:16]
     return "2.25." + str(int.from_bytes(digest, "big"))
+
+
+def safe_filename(name: str) -> str:
+    """A readable file name (extension kept) with nothing but safe characters and no leading dot."""
+    return _UNSAFE.sub("_", name).lstrip(".")[:120] or "file"

@@ -87,7 +87,8 @@ def pack_frames(frames: list[np.ndarray], layout: PixelLayout) -> bytes:
 
 
 def attach_native_pixels(ds: Dataset, frames: list[np.ndarray], layout: PixelLayout) -> None:
-    ds.PhotometricInterpretation = layout.output_photometric
+    if "PhotometricInterpretation" in ds and ds.PhotometricInterpretation != layout.output_photometric:
+        ds.PhotometricInterpretation = layout.output_photometric  # e.g. YBR_RCT decoded from JPEG 2000 is RGB
     ds.PixelData = pack_frames(frames, layout)
     ds["PixelData"].VR = "OW" if layout.bits_allocated > 8 else "OB"
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian

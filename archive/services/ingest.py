@@ -39,7 +39,7 @@ from archive.catalog.models import (
 )
 from archive.codecs import Codec, decode_frame, get_codec, read_frame_header
 from archive.dicom.reader import ParsedInstance, iter_fragments, iter_frames, read_instance
-from archive.dicom.uids import safe_component
+from archive.dicom.uids import safe_filename
 from archive.dicom.writer import serialize_header
 from archive.errors import ArchiveError, InvalidDicomError, NotDicomError
 from archive.services.metrics import ErrorStats
@@ -449,7 +449,7 @@ def quarantine_file(archive: Archive, path: Path, reason: str, error_type: str, 
     digest = hashlib.sha256(data).hexdigest()
     folder = archive.settings.quarantine_dir / digest[:2]
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{digest}__{safe_component(path.name)}"
+    target = folder / f"{digest[:16]}__{safe_filename(path.name)}"
     if not target.exists():
         tmp = target.with_name(target.name + ".tmp")
         shutil.copyfile(path, tmp)

@@ -38,6 +38,7 @@ class RetrievedInstance:
     path: Path
     sop_instance_uid: str
     transfer_syntax: str
+    source_path: str | None = None  # where it was ingested from (provenance)
     note: str = ""
 
 
@@ -84,7 +85,7 @@ def retrieve_study(
                 name += f".conflict-{instance.conflict_seq}"
             target = out_dir / safe_component(instance.series.series_uid) / f"{name}.dcm"
             _write_atomically(target, data, out_dir)
-            report.files.append(RetrievedInstance(target, instance.sop_instance_uid, str(syntax), note))
+            report.files.append(RetrievedInstance(target, instance.sop_instance_uid, str(syntax), instance.source_path, note))
     return report
 
 
