@@ -46,7 +46,7 @@ def print_ingest_summary(report: IngestReport, out: Console = console) -> None:
     table = Table(title="Ingest summary", show_header=False, title_justify="left")
     table.add_column("", style="bold")
     table.add_column("", justify="right")
-    rows = {
+    summary = {
         "studies": str(len(report.studies)),
         "instances": str(report.instances),
         "bytes in": _human(report.bytes_in),
@@ -58,7 +58,7 @@ def print_ingest_summary(report: IngestReport, out: Console = console) -> None:
         "skipped": str(report.count(Outcome.SKIPPED)),
         "quarantined": str(report.count(Outcome.QUARANTINED)),
     }
-    for name, value in rows.items():
+    for name, value in summary.items():
         table.add_row(name, value)
     out.print(table)
     for label, outcome in (("Skipped", Outcome.SKIPPED), ("Quarantined", Outcome.QUARANTINED), ("Conflicts", Outcome.CONFLICT)):

@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
-from pydicom.pixels import iter_pixels
+from pydicom.pixels.utils import iter_pixels
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -398,6 +398,7 @@ def _native_frames(ds: Dataset, layout: PixelLayout, big_endian: bool) -> Iterat
     for index in range(layout.number_of_frames):
         flat = np.frombuffer(buffer, dtype=file_dtype, count=count, offset=index * layout.frame_bytes)
         flat = flat.astype(dtype, copy=False)
+        frame: np.ndarray
         if layout.samples_per_pixel == 1:
             frame = flat.reshape(layout.rows, layout.columns)
         elif layout.planar_configuration == 1:

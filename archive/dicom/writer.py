@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -50,7 +51,8 @@ def serialize_header(ds: Dataset) -> SerializedHeader:
     for elem in ds:  # a shallow copy keeps raw (unparsed) values as they were read
         if elem.tag not in PIXEL_TAGS:
             header.add(elem)
-    header.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    implicit, little = ds.original_encoding
+    header.set_original_encoding(implicit, little, ds.original_character_set)
     meta = FileMetaDataset()
     for elem in ds.file_meta:
         meta.add(copy.deepcopy(elem))
@@ -113,9 +115,11 @@ def to_part10(ds: Dataset, transfer_syntax: UID) -> bytes:
     if transfer_syntax != current:
         if current in NATIVE_SYNTAXES and transfer_syntax in _REENCODABLE:
             original = ds.pixel_array.copy()
-            kwargs = {"use_mct": False} if transfer_syntax == JPEG2000Lossless else {}
-            ds.compress(transfer_syntax, encoding_plugin="", **kwargs)
-            decoded = pydicom.pixels.pixel_array(ds, raw=True)
+            if transfer_syntax == JPEG2000Lossless:
+                ds.compress(transfer_syntax, use_mct=False)  # keep RGB as RGB, not YBR_RCT
+            else:
+                ds.compress(transfer_syntax)
+            decoded = pixel_array(ds, raw=True)
             if not np.array_equal(decoded, original):
                 raise ValueError(f"{transfer_syntax.name} round trip changed pixel values")
         elif current in NATIVE_SYNTAXES and transfer_syntax in NATIVE_SYNTAXES:

@@ -1,0 +1,175 @@
+"""Every file pydicom ships, and every file of the pydicom-data package, through ingest → get.
+
+Each retrieved file is compared with the file it was ingested from, using the
+independent pydicom oracles in ``tests/dicom_compare.py``: headers equal,
+pixel values bit-exact wherever the archive promises lossless storage, and
+the original compressed frames byte-identical where it keeps them untouched.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pydicom.data
+import pytest
+from pydicom.encaps import generate_frames
+from sqlalchemy import select
+
+from archive.catalog.models import Instance, StorageMode
+from archive.services.ingest import Outcome, ingest_paths
+from archive.services.retrieve import retrieve_study
+from archive.services.runtime import Archive
+from tests.dicom_compare import header_differences, read, stored_values
+
+PYDICOM_TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
+
+#: Files whose retrieved copy cannot be compared with the source by the oracle, and why.
+EXCLUDED: dict[str, str] = {}
+#: Outcomes that are decided by the file itself, checked so a regression in classification shows.
+PYDICOM_EXPECTED = {
+    "README.txt": Outcome.SKIPPED,
+    "crayons.icc": Outcome.SKIPPED,
+    "zipMR.gz": Outcome.SKIPPED,
+    "DICOMDIR": Outcome.SKIPPED,
+    "MR_truncated.dcm": Outcome.QUARANTINED,
+    "MR_small.dcm": Outcome.STORED,
+    "CT_small.dcm": Outcome.STORED,
+}
+
+
+def _pydicom_data_folder() -> Path:
+    data_store = pytest.importorskip("data_store", reason="the pydicom-data test extra is not installed")
+    folder = Path(data_store.__file__).parent / "data"
+    assert folder.is_dir() and any(folder.iterdir()), f"pydicom-data installed without its files at {folder}"
+    return folder
+
+
+def _copy(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    for path in target.rglob("*"):
+        path.chmod(0o644 if path.is_file() else 0o755)
+    return target
+
+
+@dataclass(frozen=True)
+class _Row:
+    storage_mode: StorageMode
+    transfer_syntax_uid: str
+    assigned_uids: dict[str, str]
+
+
+def _frames(ds: pydicom.Dataset) -> list[bytes]:
+    return [bytes(f) for f in generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1))]
+
+
+def _round_trip_problems(archive: Archive, inbox: Path, tmp_path: Path) -> tuple[list[str], int, int]:
+    """Ingest ``inbox``, retrieve every study in two syntaxes, and list every difference found."""
+    report = ingest_paths(archive, [inbox])
+    problems: list[str] = []
+    for outcome in report.outcomes:
+        if not outcome.reason:
+            problems.append(f"{outcome.path}: outcome {outcome.outcome.value} without a reason")
+
+    with archive.unit_of_work() as uow:
+        catalog = {
+            i.source_path: _Row(i.storage_mode, i.transfer_syntax_uid, dict(i.assigned_uids or {}))
+            for i in uow.session.scalars(select(Instance)).all()
+        }
+    archived = [o for o in report.outcomes if o.outcome in (Outcome.STORED, Outcome.CONFLICT)]
+    assert len(catalog) == len(archived), "every stored or conflicting file is one catalog row"
+
+    checked_pixels = 0
+    for syntax in ("explicit-le", "original"):
+        seen = 0
+        out = tmp_path / f"out-{syntax}"
+        for study_uid in sorted(report.studies):
+            try:
+                result = retrieve_study(archive, study_uid, out, transfer_syntax=syntax, include_conflicts=True)
+            except Exception as exc:  # one broken study must not hide the others
+                problems.append(f"[{syntax}] study {study_uid}: retrieve raised {type(exc).__name__}: {exc}")
+                continue
+            for item in result.files:
+                seen += 1
+                assert item.source_path is not None
+                source = Path(item.source_path)
+                if source.name in EXCLUDED:
+                    continue
+                instance = catalog[item.source_path]
+                original = read(source)
+                retrieved = read(item.path)
+                ignore = set((instance.assigned_uids or {}).keys())
+                lossy_or_ybr = instance.storage_mode is StorageMode.PASSTHROUGH or str(
+                    original.get("PhotometricInterpretation", "")).startswith("YBR")
+                if syntax == "explicit-le" and lossy_or_ybr:
+                    ignore.add("PhotometricInterpretation")
+                differences = header_differences(original, retrieved, ignore)
+                if differences:
+                    problems.append(f"[{syntax}] {source.name}: header differs: {differences[:4]}")
+                if "PixelData" not in original:
+                    continue
+                if instance.storage_mode is StorageMode.PASSTHROUGH:
+                    if syntax == "original" and _frames(original) != _frames(retrieved):
+                        problems.append(f"[{syntax}] {source.name}: passthrough fragments changed")
+                    continue
+                try:
+                    expected = stored_values(original)
+                except Exception as exc:
+                    problems.append(f"[{syntax}] {source.name}: oracle cannot decode the source ({exc}); exclude it")
+                    continue
+                try:
+                    actual = stored_values(retrieved)
+                except Exception as exc:
+                    problems.append(f"[{syntax}] {source.name}: retrieved file does not decode: {type(exc).__name__}: {exc}")
+                    continue
+                if actual.dtype != expected.dtype or not np.array_equal(actual, expected):
+                    problems.append(
+                        f"[{syntax}] {source.name} ({instance.storage_mode.value}, {instance.transfer_syntax_uid}): "
+                        f"pixels differ (dtype {expected.dtype} -> {actual.dtype}, shape {expected.shape} -> {actual.shape})"
+                    )
+                checked_pixels += 1
+        if seen != len(archived):
+            problems.append(f"[{syntax}] retrieved {seen} files, {len(archived)} were archived")
+    return problems, len(archived), checked_pixels
+
+
+def test_exclusions_are_few_and_explained() -> None:
+    assert len(EXCLUDED) <= 3
+    assert all(reason.strip() for reason in EXCLUDED.values())
+
+
+def test_every_pydicom_test_file_round_trips(sqlite_archive: Archive, tmp_path: Path) -> None:
+    inbox = _copy(PYDICOM_TEST_FILES, tmp_path / "pydicom")
+    before = {p: p.read_bytes() for p in inbox.rglob("*") if p.is_file()}
+
+    problems, archived, checked = _round_trip_problems(sqlite_archive, inbox, tmp_path)
+
+    assert {p: p.read_bytes() for p in inbox.rglob("*") if p.is_file()} == before, "ingest modified its sources"
+    assert not problems, "\n".join(problems)
+    assert archived >= 100  # pydicom 3 ships ~150 DICOM files; most are archivable
+    assert checked >= archived  # both syntaxes: most instances had their pixels compared bit-exactly
+
+
+def test_pydicom_file_outcomes(sqlite_archive: Archive, tmp_path: Path) -> None:
+    inbox = _copy(PYDICOM_TEST_FILES, tmp_path / "pydicom")
+    report = ingest_paths(sqlite_archive, [inbox])
+    by_name: dict[str, list[Outcome]] = {}
+    for o in report.outcomes:
+        by_name.setdefault(o.path.name, []).append(o.outcome)
+    for name, expected in PYDICOM_EXPECTED.items():
+        assert by_name[name] and all(outcome is expected for outcome in by_name[name]), (name, by_name[name])
+    total_files = sum(1 for p in inbox.rglob("*") if p.is_file())
+    assert len(report.outcomes) == total_files, "every file has exactly one outcome"
+
+
+def test_every_pydicom_data_file_round_trips(sqlite_archive: Archive, tmp_path: Path) -> None:
+    inbox = _copy(_pydicom_data_folder(), tmp_path / "pydicom-data")
+
+    problems, archived, checked = _round_trip_problems(sqlite_archive, inbox, tmp_path)
+
+    assert not problems, "\n".join(problems)
+    assert archived >= 50
+    assert checked >= archived
