@@ -160,7 +160,6 @@ def read_instance(path: Path) -> ParsedInstance:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # odd values are kept as they are, not reported per element
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
-            _ = [elem.value for elem in ds]  # parse every top-level element now, not at write time
     except NotDicomError:
         raise
     except Exception as exc:  # pydicom raises many types for malformed input

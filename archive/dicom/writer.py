@@ -46,25 +46,31 @@ class SerializedHeader:
 
 
 def serialize_header(ds: Dataset) -> SerializedHeader:
-    """Everything but Pixel Data, private tags included, as Explicit VR Little Endian."""
-    header = Dataset()
-    for elem in ds:  # a shallow copy keeps raw (unparsed) values as they were read
-        if elem.tag not in PIXEL_TAGS:
-            header.add(elem)
-    implicit, little = ds.original_encoding
-    header.set_original_encoding(implicit, little, ds.original_character_set)
+    """Everything but Pixel Data, private tags included, as Explicit VR Little Endian.
+
+    Pixel Data is lifted out of ``ds`` for the write and put back, so raw
+    (unparsed) elements are written as read, without a costly conversion.
+    """
+    lifted = {tag: ds._dict.pop(tag) for tag in PIXEL_TAGS if tag in ds._dict}
+    original_meta = ds.file_meta
+    original_preamble = ds.preamble
     meta = FileMetaDataset()
-    for elem in ds.file_meta:
+    for elem in original_meta:
         meta.add(copy.deepcopy(elem))
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.7")
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    header.file_meta = meta
     buffer = io.BytesIO()
-    header.preamble = b"\x00" * 128
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # values are kept as received, valid or not
-        pydicom.dcmwrite(buffer, header, enforce_file_format=True)
+    try:
+        ds.file_meta = meta
+        ds.preamble = b"\x00" * 128
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # values are kept as received, valid or not
+            pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    finally:
+        ds.file_meta = original_meta
+        ds.preamble = original_preamble
+        ds._dict.update(lifted)
     part10 = buffer.getvalue()
     meta_end = 132 + 12 + int.from_bytes(part10[140:144], "little")
     return SerializedHeader(part10=part10, dataset_sha256=hashlib.sha256(part10[meta_end:]).hexdigest())

@@ -27,8 +27,12 @@ from tests.dicom_compare import header_differences, read, stored_values
 
 PYDICOM_TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 
-#: Files whose retrieved copy cannot be compared with the source by the oracle, and why.
-EXCLUDED: dict[str, str] = {}
+#: Files whose pixels cannot be compared with the source by the oracle, and why (headers still are).
+EXCLUDED: dict[str, str] = {
+    "JPEG2000-embedded-sequence-delimiter.dcm": "its J2K codestream is cut short: pydicom itself cannot decode the source",
+}
+#: Re-encoding a YBR_RCT/ICT source without the colour transform legitimately makes it RGB (values unchanged).
+_DECODED_TO_RGB = {"YBR_RCT", "YBR_ICT"}
 #: Outcomes that are decided by the file itself, checked so a regression in classification shows.
 PYDICOM_EXPECTED = {
     "README.txt": Outcome.SKIPPED,
@@ -96,8 +100,6 @@ def _round_trip_problems(archive: Archive, inbox: Path, tmp_path: Path) -> tuple
                 seen += 1
                 assert item.source_path is not None
                 source = Path(item.source_path)
-                if source.name in EXCLUDED:
-                    continue
                 instance = catalog[item.source_path]
                 original = read(source)
                 retrieved = read(item.path)
@@ -106,10 +108,13 @@ def _round_trip_problems(archive: Archive, inbox: Path, tmp_path: Path) -> tuple
                     original.get("PhotometricInterpretation", "")).startswith("YBR")
                 if syntax == "explicit-le" and lossy_or_ybr:
                     ignore.add("PhotometricInterpretation")
+                if (original.get("PhotometricInterpretation") in _DECODED_TO_RGB
+                        and retrieved.get("PhotometricInterpretation") == "RGB"):
+                    ignore.add("PhotometricInterpretation")
                 differences = header_differences(original, retrieved, ignore)
                 if differences:
                     problems.append(f"[{syntax}] {source.name}: header differs: {differences[:4]}")
-                if "PixelData" not in original:
+                if "PixelData" not in original or source.name in EXCLUDED:
                     continue
                 if instance.storage_mode is StorageMode.PASSTHROUGH:
                     if syntax == "original" and _frames(original) != _frames(retrieved):
@@ -125,7 +130,8 @@ def _round_trip_problems(archive: Archive, inbox: Path, tmp_path: Path) -> tuple
                 except Exception as exc:
                     problems.append(f"[{syntax}] {source.name}: retrieved file does not decode: {type(exc).__name__}: {exc}")
                     continue
-                if actual.dtype != expected.dtype or not np.array_equal(actual, expected):
+                same_type = (actual.dtype.kind, actual.dtype.itemsize) == (expected.dtype.kind, expected.dtype.itemsize)
+                if not same_type or not np.array_equal(actual, expected):
                     problems.append(
                         f"[{syntax}] {source.name} ({instance.storage_mode.value}, {instance.transfer_syntax_uid}): "
                         f"pixels differ (dtype {expected.dtype} -> {actual.dtype}, shape {expected.shape} -> {actual.shape})"

@@ -1,0 +1,138 @@
+"""Settings: environment over TOML file over defaults; malformed input is a ConfigError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from archive.config import Settings
+from archive.errors import ConfigError
+
+
+def _toml(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_sqlite_under_home(tmp_path: Path) -> None:
+    settings = Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path / "h")})
+    assert settings.home == (tmp_path / "h").absolute()
+    assert settings.database_url == f"sqlite:///{tmp_path / 'h' / 'catalog.sqlite'}"
+    assert settings.is_sqlite
+    assert settings.codec == {"id": "jpegls"}
+    assert settings.header_zstd_level == 9
+    assert settings.blob_dir == settings.home / "blobs"
+    assert settings.quarantine_dir == settings.home / "quarantine"
+
+
+def test_default_home_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.load(environ={})
+    assert settings.home.is_absolute()
+    assert settings.home == tmp_path / "medarchive-data"
+    assert settings.database_url.endswith(str(tmp_path / "medarchive-data" / "catalog.sqlite"))
+
+
+def test_relative_home_from_env_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.load(environ={"MEDARCHIVE_HOME": "rel"})
+    assert settings.home == tmp_path / "rel"
+
+
+def test_toml_in_home_overrides_defaults(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    _toml(home / "medarchive.toml", 'database_url = "postgresql+psycopg://u@db/x"\nheader_zstd_level = 3\n'
+                                    '[codec]\nid = "jpegxl"\neffort = 7\n')
+    settings = Settings.load(environ={"MEDARCHIVE_HOME": str(home)})
+    assert settings.database_url == "postgresql+psycopg://u@db/x"
+    assert not settings.is_sqlite
+    assert settings.codec == {"id": "jpegxl", "effort": 7}
+    assert settings.header_zstd_level == 3
+
+
+def test_env_overrides_toml(tmp_path: Path) -> None:
+    config = _toml(tmp_path / "elsewhere" / "conf.toml",
+                   'database_url = "postgresql+psycopg://file@db/x"\nheader_zstd_level = 3\n[codec]\nid = "jpegxl"\n')
+    env = {
+        "MEDARCHIVE_HOME": str(tmp_path / "h"),
+        "MEDARCHIVE_CONFIG": str(config),
+        "MEDARCHIVE_DATABASE_URL": "sqlite:////tmp/env.sqlite",
+        "MEDARCHIVE_CODEC": "zstd",
+        "MEDARCHIVE_HEADER_ZSTD_LEVEL": "5",
+    }
+    settings = Settings.load(environ=env)
+    assert settings.database_url == "sqlite:////tmp/env.sqlite"
+    assert settings.codec == {"id": "zstd"}
+    assert settings.header_zstd_level == 5
+
+
+def test_medarchive_config_points_to_a_toml_file(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    _toml(home / "medarchive.toml", '[codec]\nid = "from-home"\n')
+    config = _toml(tmp_path / "conf.toml", '[codec]\nid = "jpeg2000"\nlevel = 2\n')
+    settings = Settings.load(environ={"MEDARCHIVE_HOME": str(home), "MEDARCHIVE_CONFIG": str(config)})
+    assert settings.codec == {"id": "jpeg2000", "level": 2}, "MEDARCHIVE_CONFIG wins over the home file"
+
+
+def test_codec_env_as_json(tmp_path: Path) -> None:
+    settings = Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_CODEC": ' {"id": "jpegxl", "effort": 3}'})
+    assert settings.codec == {"id": "jpegxl", "effort": 3}
+
+
+def test_keyword_overrides_win(tmp_path: Path) -> None:
+    env = {"MEDARCHIVE_HOME": str(tmp_path / "env"), "MEDARCHIVE_DATABASE_URL": "sqlite:////tmp/env.sqlite",
+           "MEDARCHIVE_CODEC": "zstd"}
+    settings = Settings.load(environ=env, home=tmp_path / "kw", database_url="sqlite:////tmp/kw.sqlite",
+                             codec={"id": "jpeg2000"})
+    assert settings.home == tmp_path / "kw"
+    assert settings.database_url == "sqlite:////tmp/kw.sqlite"
+    assert settings.codec == {"id": "jpeg2000"}
+
+
+def test_environ_none_reads_os_environ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDARCHIVE_HOME", str(tmp_path / "osenv"))
+    monkeypatch.delenv("MEDARCHIVE_CONFIG", raising=False)
+    monkeypatch.delenv("MEDARCHIVE_DATABASE_URL", raising=False)
+    monkeypatch.delenv("MEDARCHIVE_CODEC", raising=False)
+    assert Settings.load().home == tmp_path / "osenv"
+
+
+@pytest.mark.parametrize("raw", ['{"id": ', "{not json}", '{"id": "x",}'])
+def test_malformed_codec_json(tmp_path: Path, raw: str) -> None:
+    with pytest.raises(ConfigError, match="MEDARCHIVE_CODEC"):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_CODEC": raw})
+
+
+def test_codec_json_must_be_an_object_with_an_id(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_CODEC": '{"effort": 7}'})
+
+
+@pytest.mark.parametrize("text", ["database_url = ", "[codec\nid = 'x'", "a = 1\na = 2\n", "key = 'unterminated\n"])
+def test_malformed_toml(tmp_path: Path, text: str) -> None:
+    config = _toml(tmp_path / "bad.toml", text)
+    with pytest.raises(ConfigError, match="bad.toml"):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_CONFIG": str(config)})
+    home = tmp_path / "home"
+    _toml(home / "medarchive.toml", text)
+    with pytest.raises(ConfigError):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(home)})
+
+
+def test_missing_explicit_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="missing"):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_CONFIG": str(tmp_path / "nope.toml")})
+
+
+def test_codec_table_without_id(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    _toml(home / "medarchive.toml", "[codec]\neffort = 7\n")
+    with pytest.raises(ConfigError, match="id"):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(home)})
+
+
+def test_malformed_header_zstd_level(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_HEADER_ZSTD_LEVEL": "nine"})
