@@ -8,13 +8,20 @@ group named after it) and over all groups together:
   own code path, frame container included -- and for the reference rows of
   ``/work/shared/ANCHORS.md`` computed in the same run by calling the
   libraries directly (imagecodecs, pyjpegls): mean bits per pixel over images
-  (every frame of a multi-frame object is one image), single-thread encode
+  (every frame of a multi-frame object is one image; an image that does not
+  decode bit-exactly is counted as a failure and left out of the mean, as
+  ANCHORS does for pyjpegls), single-thread encode
   and decode MB/s of the raw pixel bytes (best of ``repeat`` runs per image,
   capped by a time budget on the slow codecs), and how many encodes failed to
   decode bit-exactly (reported, never hidden);
 * the end-to-end ingest rate of the whole folder into a temporary archive
   (SQLite, default codec), through the same service the ``ingest`` command
   uses.
+
+The reference rows follow ANCHORS: JPEG-LS and JPEG-XL get unsigned samples
+(signed frames with negative values shifted by their minimum), JPEG 2000 and
+JPEG-XL get ``bitspersample = BitsStored``, imagecodecs' JPEG-LS always
+writes P = 16 for 16-bit input, pyjpegls uses the bit length of the maximum.
 
 Pixels are the stored values (``iter_frames``: no rescale, no colour
 conversion); the run also checks they equal pydicom's ``pixel_array``.
@@ -107,6 +114,7 @@ class Image:
     pixels: Pixels
     unsigned: Pixels  # the same values as unsigned samples of the same width (see _to_unsigned)
     offset: int  # pixels = unsigned + offset
+    bits_stored: int  # BitsStored of the instance: the reference encoders' bitspersample, as in ANCHORS
 
     @property
     def n_pixels(self) -> int:
@@ -180,9 +188,11 @@ def load_corpus(folder: Path) -> Corpus:
                 corpus.not_benchmarked.append((name, str(exc)))
                 continue
             _check_pixel_array(corpus, name, parsed.dataset, frames)
+            assert parsed.layout is not None
             for index, frame in enumerate(frames):
                 unsigned, offset = _to_unsigned(frame)
-                images.append(Image(group, name, index, frame, np.ascontiguousarray(unsigned), offset))
+                images.append(Image(group, name, index, frame, np.ascontiguousarray(unsigned), offset,
+                                    parsed.layout.bits_stored))
         if images:
             corpus.groups[group] = images
     return corpus
@@ -196,7 +206,7 @@ def _check_pixel_array(corpus: Corpus, name: str, dataset: Any, frames: list[Pix
             warnings.simplefilter("ignore")
             reference = np.asarray(dataset.pixel_array)
     except Exception as exc:  # no decoder for this syntax, odd header: reported, not fatal
-        corpus.pixel_array_mismatch.append(f"{name}: pixel_array failed ({type(exc).__name__})")
+        corpus.pixel_array_mismatch.append(f"{name}: pixel_array raised {type(exc).__name__}: {str(exc)[:90]}")
         return
     ours = frames[0] if len(frames) == 1 else np.stack(frames)
     if reference.shape != ours.shape or not np.array_equal(reference.astype(np.int64), ours.astype(np.int64)):
@@ -270,15 +280,15 @@ def reference_methods() -> dict[str, Method]:
         _lib("jpegls-pyjpegls", "jpegls", "pyjpegls", lambda im: jpeg_ls.encode_array(im.unsigned),
              lambda data, im: jpeg_ls.decode(np.frombuffer(data, dtype=np.uint8)), unsigned=True),
         _lib("jpeg2000", "jpeg2000", "ic", lambda im: imagecodecs.jpeg2k_encode(
-            im.pixels, level=0, codecformat="J2K", reversible=True, numthreads=1),
+            im.pixels, level=0, codecformat="J2K", reversible=True, bitspersample=im.bits_stored, numthreads=1),
              lambda data, im: imagecodecs.jpeg2k_decode(data, numthreads=1), unsigned=False),
         _lib("htj2k", "htj2k", "ic", lambda im: imagecodecs.htj2k_encode(im.pixels, reversible=True),
              lambda data, im: imagecodecs.htj2k_decode(data), unsigned=False),
         _lib("jpegxl-e7", "jpegxl e7", "ic", lambda im: imagecodecs.jpegxl_encode(
-            im.unsigned, lossless=True, effort=7, numthreads=1),
+            im.unsigned, lossless=True, effort=7, bitspersample=im.bits_stored, numthreads=1),
              lambda data, im: imagecodecs.jpegxl_decode(data, numthreads=1), unsigned=True),
         _lib("jpegxl-e3", "jpegxl e3", "ic", lambda im: imagecodecs.jpegxl_encode(
-            im.unsigned, lossless=True, effort=3, numthreads=1),
+            im.unsigned, lossless=True, effort=3, bitspersample=im.bits_stored, numthreads=1),
              lambda data, im: imagecodecs.jpegxl_decode(data, numthreads=1), unsigned=True),
         _lib("zstd-19", "zstd l19", "ic", lambda im: imagecodecs.zstd_encode(im.pixels.tobytes(), level=19),
              _zstd_decode, unsigned=False),
@@ -402,13 +412,15 @@ def summarise(measured: Measured, images: Sequence[Image], indices: Sequence[int
     method = measured.method
     sub = [images[i] for i in indices]
     failures = sorted(i for i in indices if i in measured.failed)
+    exact = [i for i in indices if i not in measured.failed]
     row: dict[str, Any] = {
         "codec": method.label,
         "impl": method.impl,
         "images": len(indices),
         "encoded": sum(1 for i in indices if measured.bits[i] is not None),
-        "bpp": _mean([measured.bits[i] for i in indices]),
-        "payload_bpp": _mean([measured.payload_bits[i] for i in indices]),
+        "bpp": _mean([measured.bits[i] for i in exact]),  # over images that round-trip bit-exactly
+        "payload_bpp": _mean([measured.payload_bits[i] for i in exact]),
+        "bpp_incl_failures": _mean([measured.bits[i] for i in indices]),
         "encode_mb_s": _rate(sub, [measured.encode_s[i] for i in indices]),
         "decode_mb_s": _rate(sub, [measured.decode_s[i] for i in indices]),
         "roundtrip_failures": len(failures),
@@ -566,7 +578,8 @@ def print_report(result: dict[str, Any], console: Console) -> None:
     console.print(f"{machine['cpus']} CPU(s), {machine['cpu_model']}; Python {machine['python']}; "
                   f"imagecodecs {libs['imagecodecs']} ({libs['charls']}, {libs['openjpeg']}, {libs['openjph']}, "
                   f"{libs['libjxl']}, {libs['zstd']}), pyjpegls {libs['pyjpegls']}")
-    console.print("Single-threaded. bpp = compressed bits / pixels, mean over images (frames); ours = archive.codecs "
+    console.print("Single-threaded. bpp = compressed bits / pixels, mean over the images (frames) that round-trip "
+                  "bit-exactly (fails = images that did not, left out of bpp); ours = archive.codecs "
                   "with its frame container, payload = codestream alone; MB/s of raw pixel bytes, best of "
                   f"{result['repeat']} runs per image (fewer for slow codecs: see JSON timing_passes); "
                   "ANCHORS = ANCHORS.md figure for the reference row (CT: bpp enc/dec MB/s).")

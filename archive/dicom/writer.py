@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.tag import Tag
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
     UID,
@@ -27,7 +28,7 @@ from pydicom.uid import (
 
 from archive.dicom.reader import NATIVE_SYNTAXES, PixelLayout
 
-PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+PIXEL_TAGS = (Tag(0x7FE00010), Tag(0x7FE00008), Tag(0x7FE00009))
 IMPLEMENTATION_VERSION = "MEDARCHIVE_01"
 #: Requested output syntaxes (CLI names) and their UIDs; "original" is resolved per instance.
 OUTPUT_SYNTAXES: dict[str, UID] = {

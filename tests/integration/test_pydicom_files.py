@@ -156,7 +156,7 @@ def test_every_pydicom_test_file_round_trips(sqlite_archive: Archive, tmp_path: 
     assert {p: p.read_bytes() for p in inbox.rglob("*") if p.is_file()} == before, "ingest modified its sources"
     assert not problems, "\n".join(problems)
     assert archived >= 100  # pydicom 3 ships ~150 DICOM files; most are archivable
-    assert checked >= archived  # both syntaxes: most instances had their pixels compared bit-exactly
+    assert checked >= 100  # pixel comparisons over both syntaxes (passthrough and pixel-less objects aside)
 
 
 def test_pydicom_file_outcomes(sqlite_archive: Archive, tmp_path: Path) -> None:
