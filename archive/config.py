@@ -63,7 +63,11 @@ class Settings:
         codec = dict(codec) if codec else {"id": "jpegls"}
         if "id" not in codec:
             raise ConfigError(f"codec configuration needs an 'id': {codec!r}")
-        level = int(env.get("MEDARCHIVE_HEADER_ZSTD_LEVEL") or file_values.get("header_zstd_level", 9))
+        raw_level = env.get("MEDARCHIVE_HEADER_ZSTD_LEVEL") or file_values.get("header_zstd_level", 9)
+        try:
+            level = int(raw_level)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"header_zstd_level must be an integer, not {raw_level!r}") from exc
         return cls(home=home, database_url=str(database_url), codec=codec, header_zstd_level=level)
 
 

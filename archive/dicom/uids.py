@@ -35,7 +35,7 @@ def safe_component(uid: str) -> str:
     Valid UIDs are used as they are; anything else is reduced to safe characters
     and suffixed with a hash of the original so that distinct UIDs stay distinct.
     """
-    if _VALID_UID.match(uid) and len(uid) <= 64:
+    if _VALID_UID.fullmatch(uid) and len(uid) <= 64:
         return uid
     cleaned = _UNSAFE.sub("_", uid).strip(".")[:48] or "uid"
     return f"{cleaned}_{hashlib.sha256(uid.encode('utf-8', 'surrogateescape')).hexdigest()[:12]}"

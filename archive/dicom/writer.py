@@ -121,18 +121,17 @@ def to_part10(ds: Dataset, transfer_syntax: UID) -> bytes:
     current = UID(ds.file_meta.TransferSyntaxUID)
     if transfer_syntax != current:
         if current in NATIVE_SYNTAXES and transfer_syntax in _REENCODABLE:
-            original = ds.pixel_array.copy()
-            if transfer_syntax == JPEG2000Lossless:
-                ds.compress(transfer_syntax, use_mct=False)  # keep RGB as RGB, not YBR_RCT
+            original = pixel_array(ds, raw=True).copy()
+            if transfer_syntax == JPEG2000Lossless:  # keep RGB as RGB, not YBR_RCT
+                ds.compress(transfer_syntax, use_mct=False, generate_instance_uid=False)
             else:
-                ds.compress(transfer_syntax)
+                ds.compress(transfer_syntax, generate_instance_uid=False)
             decoded = pixel_array(ds, raw=True)
             if not np.array_equal(decoded, original):
                 raise ValueError(f"{transfer_syntax.name} round trip changed pixel values")
         elif current in NATIVE_SYNTAXES and transfer_syntax in NATIVE_SYNTAXES:
-            if transfer_syntax == ExplicitVRBigEndian and ds.get("BitsAllocated", 8) > 8:
-                swapped = np.frombuffer(ds.PixelData, dtype="<u2").astype(">u2").tobytes()
-                ds.PixelData = swapped
+            if (current == ExplicitVRBigEndian) != (transfer_syntax == ExplicitVRBigEndian) and "PixelData" in ds:
+                ds.PixelData = _swap_words(ds)
             ds.file_meta.TransferSyntaxUID = transfer_syntax
         else:
             raise ValueError(f"cannot write {current.name} as {transfer_syntax.name}")
@@ -142,6 +141,17 @@ def to_part10(ds: Dataset, transfer_syntax: UID) -> bytes:
         warnings.simplefilter("ignore")
         pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def _swap_words(ds: Dataset) -> bytes:
+    """Pixel Data bytes in the other byte order: words of BitsAllocated bits (OW of 8-bit samples: 16)."""
+    data = bytes(ds.PixelData)
+    size = max(int(ds.get("BitsAllocated", 8)) // 8, 2 if ds["PixelData"].VR == "OW" else 1)
+    if size == 1:
+        return data
+    usable = len(data) - len(data) % size
+    swapped = np.frombuffer(data[:usable], dtype=f"<u{size}").byteswap().tobytes()
+    return swapped + data[usable:]
 
 
 def original_target(original: str) -> UID:

@@ -96,15 +96,19 @@ def instance_part10(uow: UnitOfWork, instance: Instance, transfer_syntax: str) -
     original = UID(instance.transfer_syntax_uid)
     if instance.storage_mode is StorageMode.WHOLE:
         ds.file_meta.TransferSyntaxUID = original  # the whole object, exactly as it arrived
-        target = original if transfer_syntax in ("original", "jpegls", "jpeg2000") else ExplicitVRLittleEndian
-        note = "" if transfer_syntax in ("original", "explicit-le") else "kept whole: given back as received"
+        native = transfer_syntax == "explicit-le" and not original.is_compressed
+        target = ExplicitVRLittleEndian if native else original
+        note = "" if native or transfer_syntax == "original" else "kept whole: given back as received"
         return _write(ds, target, original, note)
     encoding = current_encoding(instance)
     blobs = [uow.store.get(f.blob_sha256) for f in encoding.frames]
     if instance.storage_mode is StorageMode.PASSTHROUGH:
         attach_fragments(ds, blobs, instance.transfer_syntax_uid)
         if transfer_syntax == "explicit-le":
-            ds.decompress()  # lossy input decoded for viewers that need native pixels
+            try:
+                ds.decompress(generate_instance_uid=False)  # lossy input decoded for viewers needing native pixels
+            except Exception as exc:  # a decoder that cannot read it: the original is still there
+                return _write(ds, original, original, f"lossy original cannot be decoded ({exc}): given as received")
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             return _write(ds, ExplicitVRLittleEndian, original, "lossy original decoded to native pixels")
         note = "" if transfer_syntax == "original" else "lossy original kept in its own transfer syntax"

@@ -46,15 +46,15 @@ class FileBlobStore:
         self.fsync = fsync
 
     def path_for(self, digest: str) -> Path:
-        if not _HEX64.match(digest):
+        if not _HEX64.fullmatch(digest):
             raise ValueError(f"not a sha256 hex digest: {digest!r}")
         return self.root / digest[:2] / digest[2:4] / digest
 
     def put(self, data: bytes) -> str:
         digest = sha256_hex(data)
         target = self.path_for(digest)
-        if target.exists() and target.stat().st_size == len(data):
-            return digest
+        if target.exists() and target.stat().st_size == len(data) and sha256_hex(target.read_bytes()) == digest:
+            return digest  # already stored intact (a corrupt copy is rewritten below)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:
@@ -92,7 +92,7 @@ class FileBlobStore:
         if not self.root.exists():
             return
         for path in self.root.glob("*/*/*"):
-            if _HEX64.match(path.name):
+            if _HEX64.fullmatch(path.name):
                 yield path.name
 
 
