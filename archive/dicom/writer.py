@@ -16,10 +16,8 @@ from pydicom.tag import Tag
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
     UID,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
     PYDICOM_IMPLEMENTATION_UID,
@@ -172,6 +170,4 @@ __all__ = [
     "read_header",
     "serialize_header",
     "to_part10",
-    "DeflatedExplicitVRLittleEndian",
-    "ImplicitVRLittleEndian",
 ]

@@ -215,17 +215,13 @@ def _prepare(parsed: ParsedInstance, codec: Codec, zstd_level: int) -> _Prepared
             pixel_hash.update(fragment)
         header_blob = compress_bytes(header.part10, zstd_level)
     else:
-        pixel = parsed.dataset.get("PixelData")
-        if pixel is None:
-            pixel_hash = None  # type: ignore[assignment]
-        else:
-            pixel_hash.update(bytes(pixel))
+        pixel_hash.update(bytes(parsed.dataset.get("PixelData") or b""))
         header_blob = compress_bytes(parsed.source_bytes, zstd_level)  # the whole object is the header
     return _Prepared(
         parsed=parsed,
         header_blob=header_blob,
         header_sha256=header.dataset_sha256,
-        pixel_sha256=pixel_hash.hexdigest() if pixel_hash is not None else None,
+        pixel_sha256=pixel_hash.hexdigest(),
         frames=frames,
         fragments=fragments,
         codec=codec,

@@ -123,12 +123,11 @@ def instance_part10(uow: UnitOfWork, instance: Instance, transfer_syntax: str) -
 
 
 def _write(ds: Dataset, target: UID, original: UID, note: str) -> tuple[bytes, UID, str]:
+    """Write as ``target``; native pixels that an encoder refuses are given as Explicit VR Little Endian."""
     try:
         return to_part10(ds, target), target, note
-    except Exception as exc:  # an encoder that cannot take this image: native pixels are always possible
-        if UID(ds.file_meta.TransferSyntaxUID) != ExplicitVRLittleEndian and not ds.file_meta.TransferSyntaxUID.is_compressed:
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
+    except Exception as exc:
+        if UID(ds.file_meta.TransferSyntaxUID).is_compressed or target == ExplicitVRLittleEndian:
             raise ArchiveError(f"cannot write {target.name}: {exc}") from exc
         return to_part10(ds, ExplicitVRLittleEndian), ExplicitVRLittleEndian, f"{target.name} failed ({exc}): native pixels"
 
