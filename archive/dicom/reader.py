@@ -176,7 +176,7 @@ def read_instance(path: Path) -> ParsedInstance:
     if had_file_meta:
         missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not uid_text(ds, k)]
         if missing:
-            raise InvalidDicomError(f"missing {', '.join(missing)}: header truncated or incomplete")
+            raise InvalidDicomError(f"missing {', '.join(missing)}: cannot be filed by study (header incomplete or truncated)")
         assigned: dict[str, str] = {}
     else:
         assigned = _ensure_uids(ds, data)  # ACR-NEMA style file without file meta or UIDs

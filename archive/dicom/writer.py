@@ -65,7 +65,14 @@ def serialize_header(ds: Dataset) -> SerializedHeader:
         ds.preamble = b"\x00" * 128
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # values are kept as received, valid or not
-            pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+            try:
+                pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+            except TypeError:
+                # raw elements whose encoding differs from the declared one (a file that says
+                # explicit VR but is implicit): convert every element, then write again
+                _ = [elem.value for elem in ds]
+                buffer = io.BytesIO()
+                pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     finally:
         ds.file_meta = original_meta
         ds.preamble = original_preamble

@@ -44,6 +44,23 @@ PYDICOM_EXPECTED = {
     "CT_small.dcm": Outcome.STORED,
 }
 
+#: pydicom's deliberately damaged or stripped files: each must be quarantined (a valid file here is a regression).
+PYDICOM_QUARANTINED = {
+    "MR_truncated.dcm": "Pixel Data shorter than declared",
+    "badVR.dcm": "NumberOfFrames '1A'",
+    "meta_missing_tsyntax.dcm": "image without Rows",
+    "JPEGLSNearLossless_08.dcm": "no Study/Series Instance UID",
+    "JPEGLSNearLossless_16.dcm": "no Study/Series Instance UID",
+    "SC_rgb_jls_lossy_line.dcm": "no Study/Series Instance UID",
+    "SC_rgb_jls_lossy_sample.dcm": "no Study/Series Instance UID",
+    "nested_priv_SQ.dcm": "a bare private sequence, no UIDs",
+    "UN_sequence.dcm": "a bare sequence fragment, nothing recognisable",
+    "empty_charset_LEI.dcm": "character-set sample without SOP Class, Modality or pixels",
+    "no_meta.dcm": "a fragment without SOP Class, Modality or pixels",
+    "no_meta_group_length.dcm": "a fragment without SOP Class, Modality or pixels",
+    "priv_SQ.dcm": "a bare private sequence",
+}
+
 
 def _pydicom_data_folder() -> Path:
     data_store = pytest.importorskip("data_store", reason="the pydicom-data test extra is not installed")
@@ -169,6 +186,8 @@ def test_pydicom_file_outcomes(sqlite_archive: Archive, tmp_path: Path) -> None:
         assert by_name[name] and all(outcome is expected for outcome in by_name[name]), (name, by_name[name])
     total_files = sum(1 for p in inbox.rglob("*") if p.is_file())
     assert len(report.outcomes) == total_files, "every file has exactly one outcome"
+    quarantined = {o.path.name for o in report.outcomes if o.outcome is Outcome.QUARANTINED}
+    assert quarantined == set(PYDICOM_QUARANTINED), quarantined ^ set(PYDICOM_QUARANTINED)
 
 
 def test_every_pydicom_data_file_round_trips(sqlite_archive: Archive, tmp_path: Path) -> None:

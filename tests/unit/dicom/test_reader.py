@@ -191,3 +191,15 @@ def test_storage_mode(name: str, mode: StorageMode, tmp_path: Path) -> None:
 def test_lossless_variants_decode_to_mr_small(name: str, tmp_path: Path) -> None:
     reference = [f.tobytes() for f in iter_frames(read_instance(_testdata("MR_small.dcm", tmp_path)))]
     assert [f.tobytes() for f in iter_frames(read_instance(_testdata(name, tmp_path)))] == reference
+
+
+def test_header_of_a_file_that_lies_about_its_vr_encoding_is_kept(tmp_path: Path) -> None:
+    """SC_rgb_jpeg.dcm declares explicit VR but is implicit: its header must still serialise whole."""
+    from archive.dicom.writer import read_header, serialize_header
+
+    source = tmp_path / "SC_rgb_jpeg.dcm"
+    shutil.copyfile(get_testdata_file("SC_rgb_jpeg.dcm"), source)
+    parsed = read_instance(source)
+    header = read_header(serialize_header(parsed.dataset).part10)
+    assert list(header.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
+    assert header.SOPInstanceUID == parsed.dataset.SOPInstanceUID
