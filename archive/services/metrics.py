@@ -23,12 +23,13 @@ class ErrorStats:
     low: float = math.inf
     high: float = -math.inf
 
-    def add(self, original: np.ndarray, decoded: np.ndarray) -> None:
+    def add(self, original: np.ndarray, decoded: np.ndarray, *, exact: bool | None = None) -> None:
+        """Accumulate one frame; ``exact`` spares a second comparison when the caller already made it."""
         self.count += original.size
         if original.size:
             self.low = min(self.low, float(original.min()))
             self.high = max(self.high, float(original.max()))
-        if np.array_equal(original, decoded):
+        if exact if exact is not None else np.array_equal(original, decoded):
             return
         diff = decoded.astype(np.float64) - original.astype(np.float64)
         self.squared_error += float(np.square(diff).sum())

@@ -63,7 +63,10 @@ PYDICOM_QUARANTINED = {
 
 
 def _pydicom_data_folder() -> Path:
-    data_store = pytest.importorskip("data_store", reason="the pydicom-data test extra is not installed")
+    try:
+        import data_store  # the pydicom-data package, a dependency of the `test` extra
+    except ImportError:
+        pytest.fail("pydicom-data is not installed: pip install -e '.[test]'")
     folder = Path(data_store.__file__).parent / "data"
     assert folder.is_dir() and any(folder.iterdir()), f"pydicom-data installed without its files at {folder}"
     return folder
