@@ -1,15 +1,23 @@
 """One place for configuration: ``MEDARCHIVE_*`` variables over an optional TOML file.
 
-Precedence, highest first: environment variables, the TOML file
-(``MEDARCHIVE_CONFIG``, else ``$MEDARCHIVE_HOME/medarchive.toml``), built-in
-defaults. No secret has a default.
+Precedence, highest first: keyword overrides, environment variables, the TOML
+file (``MEDARCHIVE_CONFIG``, else ``$MEDARCHIVE_HOME/medarchive.toml``),
+built-in defaults. No secret has a default. Every scalar setting ``name`` is
+read from ``MEDARCHIVE_NAME`` or the TOML key ``name``.
 
 Example ``medarchive.toml``::
 
     database_url = "postgresql+psycopg://archive@db/medarchive"
+    broker_url = "redis://redis:6379/0"
+    stable_age = 60
     [codec]
-    id = "jpegxl"
-    effort = 7
+    id = "jpegls"
+    [policies.ct-to-jpegxl]          # scheduled re-compression (``medarchive recompress``)
+    codec = { id = "jpegxl", effort = 7 }
+    modalities = ["CT"]
+    from_codecs = ["jpegls"]
+    archived_before_days = 30
+    window = "01:00-05:00"
 """
 
 from __future__ import annotations
@@ -17,13 +25,53 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from datetime import time as clock_time
 from pathlib import Path
 from typing import Any, Mapping
 
 from archive.errors import ConfigError
 
 DEFAULT_HOME = "./medarchive-data"
+
+
+@dataclass(frozen=True)
+class RecompressPolicy:
+    """Which studies move to which codec, when, and how fast.
+
+    Selection: current codec in ``from_codecs`` (empty: any lossless codec),
+    Modality in ``modalities`` (empty: any), StudyDate before
+    ``study_date_before`` (YYYYMMDD) and/or archived more than
+    ``archived_before_days`` ago. ``max_error`` is the largest per-pixel error
+    the new encoding may have against the original (0: lossless).
+    """
+
+    name: str
+    codec: dict[str, Any]
+    modalities: tuple[str, ...] = ()
+    from_codecs: tuple[str, ...] = ()
+    study_date_before: str | None = None
+    archived_before_days: float | None = None
+    max_error: float = 0.0
+    window: str | None = None  # "HH:MM-HH:MM" local time; may wrap midnight; None = always
+    batch_size: int = 200  # instances per sweep (the throttle)
+    interval: float = 600.0  # seconds between scheduled sweeps
+
+    def window_bounds(self) -> tuple[clock_time, clock_time] | None:
+        if not self.window:
+            return None
+        try:
+            start, end = (clock_time.fromisoformat(part.strip()) for part in self.window.split("-"))
+        except ValueError as exc:
+            raise ConfigError(f"policy {self.name}: window must look like 01:00-05:00, not {self.window!r}") from exc
+        return start, end
+
+    def in_window(self, now: clock_time) -> bool:
+        bounds = self.window_bounds()
+        if bounds is None:
+            return True
+        start, end = bounds
+        return start <= now < end if start <= end else (now >= start or now < end)
 
 
 @dataclass(frozen=True)
@@ -34,6 +82,25 @@ class Settings:
     database_url: str
     codec: dict[str, Any] = field(default_factory=lambda: {"id": "jpegls"})
     header_zstd_level: int = 9
+    # --- the batch service ---
+    broker_url: str = ""  # default: kombu's SQLAlchemy transport on SQLite under home
+    result_backend: str = ""  # default: Redis when the broker is Redis, else SQLite under home
+    queue: str = "medarchive"
+    visibility_timeout: float = 900.0  # seconds before Redis redelivers an unacknowledged task
+    task_time_limit: float = 600.0  # hard limit for one task (a chunk of instances)
+    instance_time_limit: float = 120.0  # limit for one instance inside a task
+    chunk_size: int = 32  # instances per task; a task never spans series
+    max_attempts: int = 2  # tries of one instance that killed its worker before it is quarantined
+    max_deliveries: int = 10  # deliveries of one task before its leftovers are quarantined
+    requeue_after: float = 900.0  # a queued task not started after this long is re-dispatched
+    reconcile_interval: float = 60.0
+    stable_age: float = 60.0  # seconds without a new instance before a study is queued (Orthanc StableAge)
+    file_settle: float = 2.0  # seconds a file's size and mtime must stay unchanged
+    rescan_interval: float = 30.0
+    verify_interval: float = 86400.0  # beat: re-hash every blob (0 disables)
+    gc_interval: float = 86400.0  # beat: remove unreferenced blobs (0 disables)
+    gc_grace: float = 86400.0  # an unreferenced blob younger than this is kept
+    policies: dict[str, RecompressPolicy] = field(default_factory=dict)
 
     @property
     def blob_dir(self) -> Path:
@@ -44,8 +111,31 @@ class Settings:
         return self.home / "quarantine"
 
     @property
+    def spool_dir(self) -> Path:
+        return self.home / "spool"
+
+    @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.home / 'broker.sqlite'}"
+
+    @property
+    def effective_result_backend(self) -> str:
+        if self.result_backend:
+            return self.result_backend
+        if self.effective_broker_url.startswith(("redis://", "rediss://")):
+            return self.effective_broker_url
+        return f"db+sqlite:///{self.home / 'results.sqlite'}"
+
+    def policy(self, name: str) -> RecompressPolicy:
+        try:
+            return self.policies[name]
+        except KeyError:
+            known = ", ".join(sorted(self.policies)) or "none configured"
+            raise ConfigError(f"no re-compression policy {name!r} (known: {known})") from None
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -63,12 +153,58 @@ class Settings:
         codec = dict(codec) if codec else {"id": "jpegls"}
         if "id" not in codec:
             raise ConfigError(f"codec configuration needs an 'id': {codec!r}")
-        raw_level = env.get("MEDARCHIVE_HEADER_ZSTD_LEVEL") or file_values.get("header_zstd_level", 9)
-        try:
-            level = int(raw_level)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"header_zstd_level must be an integer, not {raw_level!r}") from exc
-        return cls(home=home, database_url=str(database_url), codec=codec, header_zstd_level=level)
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            if spec.name in ("home", "database_url", "codec", "policies"):
+                continue
+            raw = overrides.get(spec.name)
+            if raw is None:
+                raw = env.get(f"MEDARCHIVE_{spec.name.upper()}")
+            if raw is None:
+                raw = file_values.get(spec.name)
+            if raw is not None:
+                values[spec.name] = _coerce(spec.name, spec.type, raw)
+        policies = overrides.get("policies")
+        if policies is None:
+            policies = _policies(file_values.get("policies", {}))
+        return cls(home=home, database_url=str(database_url), codec=codec, policies=policies, **values)
+
+
+def _coerce(name: str, kind: Any, raw: Any) -> Any:
+    kind = str(kind)
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be {'an integer' if kind == 'int' else 'a number'}, not {raw!r}") from exc
+
+
+def _policies(table: Mapping[str, Any]) -> dict[str, RecompressPolicy]:
+    if not isinstance(table, Mapping):
+        raise ConfigError("[policies] must be a table of named policies")
+    policies: dict[str, RecompressPolicy] = {}
+    known = {f.name for f in fields(RecompressPolicy)}
+    for name, raw in table.items():
+        if not isinstance(raw, Mapping) or "codec" not in raw:
+            raise ConfigError(f"policy {name!r} needs a codec table, e.g. codec = {{ id = \"jpegxl\" }}")
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"policy {name!r}: unknown keys {sorted(unknown)}")
+        codec = raw["codec"]
+        if isinstance(codec, str):
+            codec = {"id": codec}
+        values = dict(raw)
+        values["codec"] = dict(codec)
+        for key in ("modalities", "from_codecs"):
+            if key in values:
+                values[key] = tuple(str(v) for v in values[key])
+        policy = RecompressPolicy(name=name, **values)
+        policy.window_bounds()  # validate early
+        policies[name] = policy
+    return policies
 
 
 def _codec_from_env(env: Mapping[str, str]) -> dict[str, Any] | None:

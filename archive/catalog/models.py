@@ -61,10 +61,28 @@ class InstanceStatus(str, enum.Enum):
 
 
 class JobStatus(str, enum.Enum):
+    SPOOLING = "spooling"  # the watcher is moving the study's files into the job's spool folder
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+
+
+class ItemStatus(str, enum.Enum):
+    """One instance of a job; ``done``, ``quarantined`` and ``failed`` are final."""
+
+    QUEUED = "queued"
+    RUNNING = "running"  # claimed by a worker process (``owner``) until ``lease_until``
+    DONE = "done"
+    QUARANTINED = "quarantined"
+    FAILED = "failed"  # re-compression could not verify; the previous encoding stays current
+
+
+FINAL_ITEM_STATUSES = (ItemStatus.DONE, ItemStatus.QUARANTINED, ItemStatus.FAILED)
+
+
+def _str_enum(kind: type[enum.Enum]) -> Enum:
+    return Enum(kind, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
 
 
 class Blob(Base):
@@ -198,6 +216,7 @@ class Encoding(Base):
     decode_ms: Mapped[float] = mapped_column(Float, default=0.0)
     derived_from_id: Mapped[int | None] = mapped_column(ForeignKey("encodings.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    released_at: Mapped[datetime | None]  # superseded: its frame rows are gone, the GC frees the blobs
 
     instance: Mapped[Instance] = relationship(back_populates="encodings", foreign_keys=[instance_id])
     frames: Mapped[list[EncodedFrame]] = relationship(
@@ -219,23 +238,71 @@ class EncodedFrame(Base):
 
 
 class Job(Base):
-    """A unit of work (an ingest batch now; watcher and re-compression jobs later)."""
+    """A unit of work the batch service tracks: a study to ingest, a re-compression sweep.
+
+    The catalog, not the broker, is the source of truth: every instance of a job
+    is a :class:`JobItem`, grouped into :class:`JobTask` rows that are what is
+    sent to the workers, so lost messages can be re-sent by the reconciler.
+    """
 
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))
-    status: Mapped[JobStatus] = mapped_column(
-        Enum(JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
-        default=JobStatus.QUEUED,
-    )
+    kind: Mapped[str] = mapped_column(String(32))  # ingest | recompress
+    status: Mapped[JobStatus] = mapped_column(_str_enum(JobStatus), default=JobStatus.QUEUED, index=True)
     study_uid: Mapped[str | None] = mapped_column(String(128), index=True)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     counts: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str | None] = mapped_column(Text)
+    spool_dir: Mapped[str | None] = mapped_column(Text)  # removed once every item is final
+    fingerprint: Mapped[str | None] = mapped_column(String(64), unique=True)  # study + file set: queued once
+    policy: Mapped[str | None] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+    tasks: Mapped[list[JobTask]] = relationship(back_populates="job", order_by="JobTask.id")
+
+
+class JobTask(Base):
+    """What one broker message carries: a chunk of one series' instances."""
+
+    __tablename__ = "job_tasks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    series_uid: Mapped[str | None] = mapped_column(String(128))
+    celery_id: Mapped[str | None] = mapped_column(String(64))
+    dispatched_at: Mapped[datetime | None]  # last time a message was sent; None = never
+    dispatches: Mapped[int] = mapped_column(default=0)
+    deliveries: Mapped[int] = mapped_column(default=0)  # executions that found work to do
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    job: Mapped[Job] = relationship(back_populates="tasks")
+    items: Mapped[list[JobItem]] = relationship(back_populates="task", order_by="JobItem.id")
+
+
+class JobItem(Base):
+    """One instance of a job and its state; claimed by one worker process at a time."""
+
+    __tablename__ = "job_items"
+    __table_args__ = (Index("ix_job_items_job_id_status", "job_id", "status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    task_id: Mapped[int] = mapped_column(ForeignKey("job_tasks.id"), index=True)
+    path: Mapped[str | None] = mapped_column(Text)  # ingest: the file (in the spool folder)
+    source_instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))  # re-compression
+    status: Mapped[ItemStatus] = mapped_column(_str_enum(ItemStatus), default=ItemStatus.QUEUED)
+    outcome: Mapped[str | None] = mapped_column(String(16))  # stored | duplicate | conflict | recompressed ...
+    attempts: Mapped[int] = mapped_column(default=0)
+    owner: Mapped[str | None] = mapped_column(String(128))  # host:pid:start of the claiming process
+    lease_until: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    task: Mapped[JobTask] = relationship(back_populates="items")
 
 
 class QuarantineEntry(Base):

@@ -9,6 +9,7 @@ the catalog rows in one unit of work.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -23,6 +24,9 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
 
 from archive.catalog.models import (
     Blob,
@@ -46,9 +50,13 @@ from archive.services.metrics import ErrorStats
 from archive.services.runtime import Archive
 from archive.services.totals import refresh_study_totals
 from archive.services.unit_of_work import UnitOfWork
+from archive.store import BlobStore
 from archive.store.compression import compress_bytes
 
 HIDDEN_OR_TEMPORARY = (".", "~")
+TEMPORARY_SUFFIXES = ("~", ".part", ".tmp", ".partial", ".crdownload")
+# Errors of the machine, not of the file: the task is retried, nothing is quarantined.
+TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ENOMEM, errno.ESTALE})
 
 
 class Outcome(str, Enum):
@@ -118,7 +126,7 @@ def discover(paths: Iterable[Path]) -> tuple[list[Path], list[FileOutcome]]:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
                 path = Path(folder) / name
-                if name.startswith(HIDDEN_OR_TEMPORARY) or name.endswith(("~", ".part", ".tmp")):
+                if name.startswith(HIDDEN_OR_TEMPORARY) or name.endswith(TEMPORARY_SUFFIXES):
                     skipped.append(FileOutcome(path, Outcome.SKIPPED, "hidden or temporary file"))
                 elif path.is_file():
                     found.append(path)
@@ -167,21 +175,12 @@ def ingest_paths(
 
 
 def ingest_file(archive: Archive, path: Path, codec: Codec, *, job_id: int | None = None) -> tuple[FileOutcome, int | None]:
-    """Archive one file; never raises for bad input (the outcome says what happened)."""
-    try:
-        parsed = read_instance(path)
-        prepared = _prepare(parsed, codec, archive.settings.header_zstd_level)
-    except NotDicomError as exc:
-        return FileOutcome(path, Outcome.SKIPPED, str(exc)), None
-    except InvalidDicomError as exc:
-        return quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id), None
-    except OSError as exc:
-        return FileOutcome(path, Outcome.SKIPPED, f"cannot read: {exc}"), None
-    except Exception as exc:  # a reader or decoder bug on odd input must not stop the batch
-        reason = f"unexpected {type(exc).__name__} while reading: {exc}"
-        return quarantine_file(archive, path, reason, type(exc).__name__, job_id=job_id), None
+    """Archive one file in its own unit of work; never raises for bad input (the outcome says what happened)."""
+    staged = stage_file(archive, path, codec, job_id=job_id)
+    if isinstance(staged, FileOutcome):
+        return staged, None
     with archive.unit_of_work() as uow:
-        outcome, study_id = _record(uow, prepared, job_id)
+        outcome, study_id = commit_staged(uow, staged, job_id)
         uow.commit()
     return outcome, study_id
 
@@ -195,6 +194,121 @@ class _Prepared:
     frames: list[np.ndarray] | None  # decoded stored values (PIXELS)
     fragments: list[bytes] | None  # original compressed frames (PASSTHROUGH)
     codec: Codec
+
+
+@dataclass
+class StagedInstance:
+    """An instance read, encoded, verified and written to the blob store, not yet in the catalog.
+
+    Staging needs no transaction, so workers encode in parallel and commit a
+    whole chunk at once; blobs of a stage that never commits are unreferenced
+    and the garbage collector removes them after its grace period.
+    """
+
+    prepared: _Prepared
+    header_digest: str
+    encoding: dict[str, Any]  # Encoding columns
+    frames: list[tuple[str, int]]  # (blob sha256, size) per frame
+    blob_sizes: dict[str, int]
+
+    @property
+    def path(self) -> Path:
+        return self.prepared.parsed.source_path
+
+
+def stage_file(archive: Archive, path: Path, codec: Codec, *, job_id: int | None = None) -> StagedInstance | FileOutcome:
+    """Read, classify, encode and verify one file; bad input becomes a skip or quarantine outcome."""
+    try:
+        parsed = read_instance(path)
+        prepared = _prepare(parsed, codec, archive.settings.header_zstd_level)
+    except NotDicomError as exc:
+        return FileOutcome(path, Outcome.SKIPPED, str(exc))
+    except InvalidDicomError as exc:
+        return quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id)
+    except OSError as exc:
+        if exc.errno in TRANSIENT_ERRNOS:
+            raise
+        return FileOutcome(path, Outcome.SKIPPED, f"cannot read: {exc}")
+    except Exception as exc:  # a reader or decoder bug on odd input must not stop the batch
+        reason = f"unexpected {type(exc).__name__} while reading: {exc}"
+        return quarantine_file(archive, path, reason, type(exc).__name__, job_id=job_id)
+    with archive.unit_of_work() as uow:
+        duplicate = _find_duplicate(uow.session, prepared)
+    if duplicate is not None:
+        return duplicate
+    try:
+        return _stage(archive.store, prepared)
+    except ArchiveError as exc:
+        return quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id)
+
+
+def commit_staged(uow: UnitOfWork, staged: StagedInstance, job_id: int | None) -> tuple[FileOutcome, int | None]:
+    """Add a staged instance's catalog rows to ``uow`` (the caller commits)."""
+    prepared = staged.prepared
+    parsed = prepared.parsed
+    session = uow.session
+    duplicate = _find_duplicate(session, prepared)
+    if duplicate is not None:
+        return duplicate, None
+    existing = session.scalars(
+        select(Instance).where(Instance.sop_instance_uid == parsed.sop_instance_uid).order_by(Instance.conflict_seq)
+    ).all()
+    for digest, size in staged.blob_sizes.items():
+        _ensure_blob_row(session, digest, size)
+    study = _get_or_create_study(session, parsed)
+    series = _get_or_create_series(session, parsed, study)
+    layout = parsed.layout
+    instance = Instance(
+        series=series,
+        sop_instance_uid=parsed.sop_instance_uid,
+        conflict_seq=(existing[-1].conflict_seq + 1) if existing else 0,
+        conflict_of_id=existing[0].id if existing else None,
+        status=InstanceStatus.CONFLICT if existing else InstanceStatus.STORED,
+        sop_class_uid=parsed.sop_class_uid,
+        instance_number=parsed.integer("InstanceNumber"),
+        transfer_syntax_uid=parsed.transfer_syntax_uid,
+        had_file_meta=parsed.had_file_meta,
+        storage_mode=parsed.mode,
+        storage_reason=parsed.mode_reason,
+        rows=layout.rows if layout else None,
+        columns=layout.columns if layout else None,
+        number_of_frames=layout.number_of_frames if layout else None,
+        samples_per_pixel=layout.samples_per_pixel if layout else None,
+        bits_allocated=layout.bits_allocated if layout else None,
+        bits_stored=layout.bits_stored if layout else None,
+        high_bit=layout.high_bit if layout else None,
+        pixel_representation=layout.pixel_representation if layout else None,
+        photometric_interpretation=layout.photometric_interpretation if layout else None,
+        planar_configuration=layout.planar_configuration if layout else None,
+        pixel_dtype=layout.dtype if layout else None,
+        header_sha256=prepared.header_sha256,
+        pixel_sha256=prepared.pixel_sha256,
+        header_blob=staged.header_digest,
+        assigned_uids=parsed.assigned_uids or None,
+        source_path=str(parsed.source_path),
+        source_size=len(parsed.source_bytes),
+        source_sha256=parsed.source_sha256,
+        job_id=job_id,
+    )
+    session.add(instance)
+    encoding = Encoding(
+        instance=instance,
+        generation=1,
+        is_current=True,
+        frames=[EncodedFrame(frame_index=i, blob_sha256=digest, nbytes=size) for i, (digest, size) in enumerate(staged.frames)],
+        **staged.encoding,
+    )
+    session.add(encoding)
+    session.flush()
+    stored = len(prepared.header_blob) + (encoding.bytes_after if parsed.mode is not StorageMode.WHOLE else 0)
+    if existing:
+        outcome = FileOutcome(parsed.source_path, Outcome.CONFLICT,
+                              f"SOP Instance UID already archived with different content (instance {existing[0].id}); "
+                              "kept as a recorded conflict", parsed.study_uid, len(parsed.source_bytes), stored)
+    else:
+        outcome = FileOutcome(parsed.source_path, Outcome.STORED, parsed.mode_reason, parsed.study_uid,
+                              len(parsed.source_bytes), stored)
+    return outcome, study.id
 
 
 def _prepare(parsed: ParsedInstance, codec: Codec, zstd_level: int) -> _Prepared:
@@ -228,72 +342,32 @@ def _prepare(parsed: ParsedInstance, codec: Codec, zstd_level: int) -> _Prepared
     )
 
 
-def _record(uow: UnitOfWork, prepared: _Prepared, job_id: int | None) -> tuple[FileOutcome, int | None]:
+def _find_duplicate(session: Session, prepared: _Prepared) -> FileOutcome | None:
     parsed = prepared.parsed
-    session = uow.session
-    existing = session.scalars(
-        select(Instance).where(Instance.sop_instance_uid == parsed.sop_instance_uid).order_by(Instance.conflict_seq)
-    ).all()
-    for other in existing:
-        if other.header_sha256 == prepared.header_sha256 and other.pixel_sha256 == prepared.pixel_sha256:
-            return FileOutcome(parsed.source_path, Outcome.DUPLICATE,
-                               f"same SOP instance as already archived (instance {other.id})",
-                               study_uid=parsed.study_uid), None
-
-    study = _get_or_create_study(uow, parsed)
-    series = _get_or_create_series(uow, parsed, study)
-    header_digest = _put_blob(uow, prepared.header_blob)
-    layout = parsed.layout
-    instance = Instance(
-        series=series,
-        sop_instance_uid=parsed.sop_instance_uid,
-        conflict_seq=(existing[-1].conflict_seq + 1) if existing else 0,
-        conflict_of_id=existing[0].id if existing else None,
-        status=InstanceStatus.CONFLICT if existing else InstanceStatus.STORED,
-        sop_class_uid=parsed.sop_class_uid,
-        instance_number=parsed.integer("InstanceNumber"),
-        transfer_syntax_uid=parsed.transfer_syntax_uid,
-        had_file_meta=parsed.had_file_meta,
-        storage_mode=parsed.mode,
-        storage_reason=parsed.mode_reason,
-        rows=layout.rows if layout else None,
-        columns=layout.columns if layout else None,
-        number_of_frames=layout.number_of_frames if layout else None,
-        samples_per_pixel=layout.samples_per_pixel if layout else None,
-        bits_allocated=layout.bits_allocated if layout else None,
-        bits_stored=layout.bits_stored if layout else None,
-        high_bit=layout.high_bit if layout else None,
-        pixel_representation=layout.pixel_representation if layout else None,
-        photometric_interpretation=layout.photometric_interpretation if layout else None,
-        planar_configuration=layout.planar_configuration if layout else None,
-        pixel_dtype=layout.dtype if layout else None,
-        header_sha256=prepared.header_sha256,
-        pixel_sha256=prepared.pixel_sha256,
-        header_blob=header_digest,
-        assigned_uids=parsed.assigned_uids or None,
-        source_path=str(parsed.source_path),
-        source_size=len(parsed.source_bytes),
-        source_sha256=parsed.source_sha256,
-        job_id=job_id,
+    other = session.scalar(
+        select(Instance.id).where(
+            Instance.sop_instance_uid == parsed.sop_instance_uid,
+            Instance.header_sha256 == prepared.header_sha256,
+            Instance.pixel_sha256 == prepared.pixel_sha256,
+        ).limit(1)
     )
-    session.add(instance)
-    encoding = _encode(uow, prepared, instance)
-    session.add(encoding)
-    session.flush()
-    stored = len(prepared.header_blob) + (encoding.bytes_after if parsed.mode is not StorageMode.WHOLE else 0)
-    if existing:
-        outcome = FileOutcome(parsed.source_path, Outcome.CONFLICT,
-                              f"SOP Instance UID already archived with different content (instance {existing[0].id}); "
-                              "kept as a recorded conflict", parsed.study_uid, len(parsed.source_bytes), stored)
-    else:
-        outcome = FileOutcome(parsed.source_path, Outcome.STORED, parsed.mode_reason, parsed.study_uid,
-                              len(parsed.source_bytes), stored)
-    return outcome, study.id
+    if other is None:
+        return None
+    return FileOutcome(parsed.source_path, Outcome.DUPLICATE, f"same SOP instance as already archived (instance {other})",
+                       study_uid=parsed.study_uid)
 
 
-def _encode(uow: UnitOfWork, prepared: _Prepared, instance: Instance) -> Encoding:
+def _stage(store: BlobStore, prepared: _Prepared) -> StagedInstance:
     parsed = prepared.parsed
     layout = parsed.layout
+    blob_sizes: dict[str, int] = {}
+
+    def put(data: bytes) -> str:
+        digest = store.put(data)
+        blob_sizes[digest] = len(data)
+        return digest
+
+    header_digest = put(prepared.header_blob)
     side_info: dict[str, Any] = {"modality": parsed.text("Modality")}
     if layout is not None:
         side_info.update(
@@ -306,53 +380,58 @@ def _encode(uow: UnitOfWork, prepared: _Prepared, instance: Instance) -> Encodin
         )
     if parsed.mode is StorageMode.PIXELS:
         assert prepared.frames is not None and layout is not None
-        return _encode_pixels(uow, prepared, prepared.frames, layout.bits_stored, layout.total_pixels,
-                              layout.frame_bytes * layout.number_of_frames, side_info, instance)
-    if parsed.mode is StorageMode.PASSTHROUGH:
+        encoding, frames = encode_frames(prepared.codec, prepared.frames, layout.bits_stored, layout.total_pixels,
+                                         layout.frame_bytes * layout.number_of_frames, side_info, str(parsed.source_path))
+        frame_refs = [(put(data), len(data)) for data in frames]
+    elif parsed.mode is StorageMode.PASSTHROUGH:
         assert prepared.fragments is not None and layout is not None
-        frames = [EncodedFrame(frame_index=i, blob_sha256=_put_blob(uow, f), nbytes=len(f))
-                  for i, f in enumerate(prepared.fragments)]
+        frame_refs = [(put(f), len(f)) for f in prepared.fragments]
         after = sum(len(f) for f in prepared.fragments)
         before = layout.frame_bytes * layout.number_of_frames
-        return Encoding(
-            instance=instance, generation=1, is_current=True, kind="passthrough", codec_id="passthrough",
+        encoding = dict(
+            kind="passthrough", codec_id="passthrough",
             codec_config={"id": "passthrough", "transfer_syntax": parsed.transfer_syntax_uid},
-            actual_codecs={"passthrough": len(frames)}, library_versions={}, side_info=side_info,
-            num_frames=len(frames), bytes_before=before, bytes_after=after, ratio=before / max(after, 1),
+            actual_codecs={"passthrough": len(frame_refs)}, library_versions={}, side_info=side_info,
+            num_frames=len(frame_refs), bytes_before=before, bytes_after=after, ratio=before / max(after, 1),
             bits_per_pixel=after * 8 / max(layout.total_pixels, 1), mse=0.0, psnr=None, psnr_range=None,
-            max_abs_error=0.0, frames=frames,
+            max_abs_error=0.0,
         )
-    # WHOLE: the header blob is the whole object; the encoding records what that cost
-    size = len(prepared.header_blob)
-    pixels = layout.total_pixels if layout else 0
-    return Encoding(
-        instance=instance, generation=1, is_current=True, kind="whole", codec_id="zstd",
-        codec_config={"id": "zstd", "level": 0, "scope": "whole file"}, actual_codecs={"zstd": 1},
-        library_versions=_zstd_versions(), side_info=side_info, num_frames=0,
-        bytes_before=len(parsed.source_bytes), bytes_after=size, ratio=len(parsed.source_bytes) / max(size, 1),
-        bits_per_pixel=size * 8 / pixels if pixels else 0.0, mse=0.0, psnr=None, psnr_range=None, max_abs_error=0.0,
-        frames=[],
-    )
+    else:  # WHOLE: the header blob is the whole object; the encoding records what that cost
+        frame_refs = []
+        size = len(prepared.header_blob)
+        pixels = layout.total_pixels if layout else 0
+        encoding = dict(
+            kind="whole", codec_id="zstd", codec_config={"id": "zstd", "level": 0, "scope": "whole file"},
+            actual_codecs={"zstd": 1}, library_versions=_zstd_versions(), side_info=side_info, num_frames=0,
+            bytes_before=len(parsed.source_bytes), bytes_after=size, ratio=len(parsed.source_bytes) / max(size, 1),
+            bits_per_pixel=size * 8 / pixels if pixels else 0.0, mse=0.0, psnr=None, psnr_range=None,
+            max_abs_error=0.0,
+        )
+    return StagedInstance(prepared=prepared, header_digest=header_digest, encoding=encoding, frames=frame_refs,
+                          blob_sizes=blob_sizes)
 
 
-def _encode_pixels(
-    uow: UnitOfWork,
-    prepared: _Prepared,
-    frames: list[np.ndarray],
+def encode_frames(
+    codec: Codec,
+    frames: Sequence[np.ndarray],
     bits_stored: int,
     total_pixels: int,
     bytes_before: int,
     side_info: dict[str, Any],
-    instance: Instance,
-) -> Encoding:
-    codec = prepared.codec
+    label: str,
+    max_error: float | None = None,
+) -> tuple[dict[str, Any], list[bytes]]:
+    """Encode frames and decode each back to measure it; returns Encoding columns and the frame bytes.
+
+    A lossless codec that does not round-trip a frame falls back to zstd
+    rather than store wrong pixels; a lossy one beyond ``max_error`` raises.
+    """
     fallback = get_codec({"id": "zstd"})
     stats = ErrorStats(peak=float(2**bits_stored - 1))
     actual: Counter[str] = Counter()
     offsets: list[int] = []
-    encoded_frames: list[EncodedFrame] = []
+    encoded: list[bytes] = []
     encode_s = decode_s = 0.0
-    after = 0
     for index, frame in enumerate(frames):
         t0 = time.perf_counter()
         data = codec.encode(frame)
@@ -367,25 +446,24 @@ def _encode_pixels(
             decoded = decode_frame(data)
             exact = np.array_equal(decoded, frame)
             if not exact:
-                raise ArchiveError(f"frame {index} of {prepared.parsed.source_path} does not round-trip through zstd")
+                raise ArchiveError(f"frame {index} of {label} does not round-trip through zstd")
         stats.add(frame, decoded, exact=exact)
         header = read_frame_header(data)
         actual[header.codec_id] += 1
         offsets.append(header.offset)
-        encoded_frames.append(EncodedFrame(frame_index=index, blob_sha256=_put_blob(uow, data), nbytes=len(data)))
-        after += len(data)
+        encoded.append(data)
+    if max_error is not None and (stats.max_abs_error or 0.0) > max_error:
+        raise ArchiveError(f"{label}: {codec.codec_id} error {stats.max_abs_error} exceeds the bound {max_error}")
     side_info["value_offsets"] = offsets if len(offsets) <= 64 else {"min": min(offsets), "max": max(offsets)}
-    return Encoding(
-        instance=instance,
-        generation=1,
-        is_current=True,
+    after = sum(len(d) for d in encoded)
+    columns = dict(
         kind="lossless" if codec.lossless else "lossy",
         codec_id=codec.codec_id,
         codec_config=codec.get_config(),
         actual_codecs=dict(actual),
         library_versions=codec.library_versions(),
         side_info=side_info,
-        num_frames=len(frames),
+        num_frames=len(encoded),
         bytes_before=bytes_before,
         bytes_after=after,
         ratio=bytes_before / max(after, 1),
@@ -396,22 +474,31 @@ def _encode_pixels(
         max_abs_error=stats.max_abs_error,
         encode_ms=encode_s * 1000,
         decode_ms=decode_s * 1000,
-        frames=encoded_frames,
     )
+    return columns, encoded
 
 
-def _put_blob(uow: UnitOfWork, data: bytes) -> str:
-    digest = uow.store.put(data)
-    if uow.session.get(Blob, digest) is None:
-        uow.session.add(Blob(sha256=digest, size=len(data)))
-        uow.session.flush()
-    return digest
+def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any], key: str) -> None:
+    """INSERT ... ON CONFLICT DO NOTHING: concurrent workers may create the same study, series or blob."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        statement: Any = pg_insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
+    elif dialect == "sqlite":
+        statement = sqlite_insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
+    else:  # pragma: no cover - other databases are not supported yet
+        raise ArchiveError(f"unsupported catalog database {dialect}")
+    session.execute(statement)
 
 
-def _get_or_create_study(uow: UnitOfWork, parsed: ParsedInstance) -> Study:
-    study = uow.session.scalar(select(Study).where(Study.study_uid == parsed.study_uid))
+def _ensure_blob_row(session: Session, digest: str, size: int) -> None:
+    _insert_ignore(session, Blob, {"sha256": digest, "size": size, "created_at": _now()}, "sha256")
+
+
+def _get_or_create_study(session: Session, parsed: ParsedInstance) -> Study:
+    study = session.scalar(select(Study).where(Study.study_uid == parsed.study_uid))
     if study is None:
-        study = Study(
+        now = _now()
+        _insert_ignore(session, Study, dict(
             study_uid=parsed.study_uid,
             patient_id=parsed.text("PatientID"),
             patient_name=parsed.text("PatientName"),
@@ -419,25 +506,25 @@ def _get_or_create_study(uow: UnitOfWork, parsed: ParsedInstance) -> Study:
             study_time=parsed.text("StudyTime"),
             accession_number=parsed.text("AccessionNumber"),
             study_description=(parsed.text("StudyDescription") or "")[:256] or None,
-        )
-        uow.session.add(study)
-        uow.session.flush()
+            num_series=0, num_instances=0, bytes_original=0, bytes_stored=0, created_at=now, updated_at=now,
+        ), "study_uid")
+        study = session.scalars(select(Study).where(Study.study_uid == parsed.study_uid)).one()
     return study
 
 
-def _get_or_create_series(uow: UnitOfWork, parsed: ParsedInstance, study: Study) -> Series:
-    series = uow.session.scalar(select(Series).where(Series.series_uid == parsed.series_uid))
+def _get_or_create_series(session: Session, parsed: ParsedInstance, study: Study) -> Series:
+    series = session.scalar(select(Series).where(Series.series_uid == parsed.series_uid))
     if series is None:
-        series = Series(
-            study=study,
+        _insert_ignore(session, Series, dict(
+            study_id=study.id,
             series_uid=parsed.series_uid,
             modality=parsed.text("Modality"),
             series_number=parsed.integer("SeriesNumber"),
             series_description=(parsed.text("SeriesDescription") or "")[:256] or None,
             body_part=parsed.text("BodyPartExamined"),
-        )
-        uow.session.add(series)
-        uow.session.flush()
+            num_instances=0, created_at=_now(),
+        ), "series_uid")
+        series = session.scalars(select(Series).where(Series.series_uid == parsed.series_uid)).one()
     return series
 
 
