@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -13,7 +15,7 @@ from rich.table import Table
 
 from archive.config import Settings
 from archive.errors import ArchiveError
-from archive.services import query
+from archive.services import jobs, query, sweeps
 from archive.services.ingest import FileOutcome, IngestReport, Outcome, ingest_paths
 from archive.services.retrieve import TRANSFER_SYNTAX_CHOICES, retrieve_study
 from archive.services.runtime import Archive
@@ -94,11 +96,34 @@ def ingest(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (read recursively, never modified).")],
     codec: Annotated[Optional[str], typer.Option(help='Codec config as JSON, e.g. \'{"id": "jpegxl", "effort": 7}\'.')] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Queue through the broker for the workers; show progress "
+                                       "until archived.")] = False,
+    timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
     """Archive DICOM files; exits 1 when anything was quarantined."""
     codec_config = json.loads(codec) if codec else None
     if codec and not codec.lstrip().startswith("{"):
         codec_config = {"id": codec}
+    if wait:
+        if codec_config:
+            raise ArchiveError("--codec applies to direct ingest; queued ingest uses the configured codec")
+        from workers.tasks import dispatch_task
+
+        with _open() as archive:
+            first, skipped = jobs.submit_paths(archive, paths, dispatch_task)
+            with archive.unit_of_work() as uow:
+                job_ids = [s.id for s in jobs.list_jobs(uow.session, limit=10_000) if s.id >= first] if first else []
+            summaries = _wait_for_jobs(archive, job_ids, timeout)
+        if as_json:
+            console.print_json(json.dumps({"jobs": [s.as_dict() for s in summaries],
+                                           "skipped": [str(o.path) for o in skipped]}))
+        else:
+            _print_jobs(summaries, "Queued ingest")
+        quarantined = sum(s.items.get("quarantined", 0) for s in summaries)
+        if quarantined or any(s.status == "failed" for s in summaries):
+            err_console.print(f"[red]{quarantined} file(s) quarantined[/red]: see `medarchive quarantine list`")
+            raise typer.Exit(1)
+        return
     with _open() as archive:
         report = run_ingest(archive, paths, codec_config, show_progress=not as_json)
     if as_json:
@@ -113,6 +138,38 @@ def ingest(
     if quarantined:
         err_console.print(f"[red]{quarantined} file(s) quarantined[/red]: see `medarchive quarantine list`")
         raise typer.Exit(1)
+
+
+def _wait_for_jobs(archive: Archive, job_ids: list[int], timeout: float | None) -> list[jobs.JobSummary]:
+    """Poll the catalog (the source of truth) until the jobs are done; a progress bar meanwhile."""
+    started = time.monotonic()
+    with Progress(TextColumn("[bold]archiving"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=err_console, transient=True) as progress:
+        bar = progress.add_task("", total=None)
+        while True:
+            with archive.unit_of_work() as uow:
+                summaries = [s for j in job_ids for s in jobs.list_jobs(uow.session, job_id=j)]
+            total = sum(s.total for s in summaries)
+            final = sum(s.final for s in summaries)
+            progress.update(bar, total=total, completed=final,
+                            description=", ".join(f"job {s.id} {s.status}" for s in summaries))
+            if all(s.status in ("done", "failed") for s in summaries):
+                return summaries
+            if timeout is not None and time.monotonic() - started > timeout:
+                raise ArchiveError(f"jobs {job_ids} not finished after {timeout:g} s; are workers running? "
+                                   "(`medarchive worker`; `medarchive jobs` shows their state)")
+            time.sleep(0.5)
+
+
+def _print_jobs(summaries: list[jobs.JobSummary], title: str = "Jobs") -> None:
+    table = Table(title=f"{title} ({len(summaries)})")
+    for column in ("id", "kind", "status", "study / policy", "instances", "outcomes", "created", "error"):
+        table.add_column(column, overflow="fold")
+    for s in summaries:
+        table.add_row(str(s.id), s.kind, s.status, s.policy or s.study_uid or "", f"{s.final}/{s.total}",
+                      ", ".join(f"{k} {v}" for k, v in sorted(s.outcomes.items())),
+                      s.created_at.strftime("%Y-%m-%d %H:%M:%S"), s.error or "")
+    console.print(table)
 
 
 @app.command()
@@ -238,6 +295,173 @@ def demo(
         retrieved = retrieve_study(archive, target, out)
     console.print(f"retrieved study {target}: {len(retrieved.files)} file(s) in {out}")
     console.print("next: `medarchive studies`, `medarchive show <uid>`, `medarchive quarantine list`")
+
+
+@app.command()
+def watch(
+    inbox: Annotated[Path, typer.Argument(help="Folder that scanners and PACS drop studies into (files are moved).")],
+    poll: Annotated[bool, typer.Option("--poll", help="Poll instead of filesystem events (network shares).")] = False,
+    stable_age: Annotated[Optional[float], typer.Option(help="Seconds without a new instance before a study is "
+                                                        "queued (default: setting stable_age, 60).")] = None,
+) -> None:
+    """Watch an inbox: queue each stable study as a job for the workers."""
+    import logging
+    import threading
+
+    from archive.watcher import InboxWatcher
+    from workers.tasks import dispatch_task
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s watcher %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with _open() as archive:
+        watcher = InboxWatcher(archive, inbox, dispatch_task, stable_age=stable_age, poll=poll)
+        err_console.print(f"watching {watcher.inbox} (stable age {watcher.stable_age:g} s, "
+                          f"{'polling' if poll else 'events'}); Ctrl-C stops")
+        watcher.run(stop)
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+    name: Annotated[str, typer.Option(help="Celery node name.")] = "medarchive@%h",
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Start one Celery worker (production: one per container, scale the service)."""
+    from workers.app import app as celery_app
+
+    celery_app.worker_main(["worker", "--concurrency", str(concurrency), "--hostname", name,
+                            "--loglevel", loglevel, "--queues", celery_app.conf.task_default_queue])
+
+
+@app.command()
+def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+    """Start Celery beat: reconciler, re-compression policies, verify and GC on their schedules."""
+    from workers.app import app as celery_app
+
+    celery_app.start(["celery", "beat", "--loglevel", loglevel, "--schedule", celery_app.conf.beat_schedule_filename])
+
+
+@app.command()
+def run(
+    inbox: Annotated[Path, typer.Argument(help="Folder to watch.")],
+    workers: Annotated[int, typer.Option(help="Worker processes to start (each with --concurrency).")] = 1,
+    concurrency: Annotated[int, typer.Option(help="Processes per worker.")] = 2,
+    poll: Annotated[bool, typer.Option("--poll")] = False,
+) -> None:
+    """Watcher + worker(s) + beat as child processes (the embedded default: no servers); Ctrl-C stops all."""
+    from workers.supervisor import run_all
+
+    Archive.open(Settings.load()).close()  # create or migrate the embedded catalog once, before the children
+    raise typer.Exit(run_all(inbox, workers=workers, concurrency=concurrency, poll=poll, console=err_console))
+
+
+@app.command("jobs")
+def jobs_command(
+    status: Annotated[Optional[str], typer.Option(help="queued | running | done | failed | spooling")] = None,
+    job_id: Annotated[Optional[int], typer.Option("--id", help="One job, with its failed instances.")] = None,
+    limit: Annotated[int, typer.Option()] = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Jobs from the catalog: state, instance counts, outcomes, errors."""
+    with _open() as archive, archive.unit_of_work() as uow:
+        summaries = jobs.list_jobs(uow.session, status=status, job_id=job_id, limit=limit)
+        errors = jobs.job_errors(uow.session, job_id) if job_id is not None else []
+    if as_json:
+        console.print_json(json.dumps({"jobs": [s.as_dict() for s in summaries],
+                                       "errors": [{"item": i, "status": st, "error": e} for i, st, e in errors]}))
+        return
+    _print_jobs(summaries)
+    if errors:
+        table = Table(title=f"Instances of job {job_id} that did not archive")
+        for column in ("item", "status", "error"):
+            table.add_column(column, overflow="fold")
+        for row in errors:
+            table.add_row(*row)
+        console.print(table)
+
+
+@app.command()
+def reconcile() -> None:
+    """Re-send unfinished work that no live task holds, and close finished jobs (beat runs this too)."""
+    from workers.tasks import dispatch_task, queue_depth
+
+    with _open() as archive:
+        report = jobs.reconcile(archive, dispatch_task, queue_depth=queue_depth())
+    console.print_json(json.dumps(report.as_dict()))
+
+
+@app.command()
+def recompress(
+    policy: Annotated[str, typer.Option("--policy", help="A policy name from the [policies] configuration.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what the policy selects; change nothing.")] = False,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many instances (default: the policy's "
+                                                 "batch_size).")] = None,
+    queue: Annotated[bool, typer.Option("--queue", help="Send to the workers instead of running here.")] = False,
+) -> None:
+    """Run a re-compression policy by hand (ignoring its time window)."""
+    from archive.services.recompress import plan
+
+    with _open() as archive:
+        chosen = archive.settings.policy(policy)
+        if dry_run:
+            with archive.unit_of_work() as uow:
+                result = plan(uow.session, chosen, limit=limit or chosen.batch_size)
+            console.print_json(json.dumps(result.as_dict()))
+            return
+        if queue:
+            from workers.tasks import dispatch_task as dispatcher
+        else:
+            def dispatcher(task_id: int) -> str:
+                jobs.run_task(archive, task_id)
+                return f"inline-{task_id}"
+        report = sweeps.start_sweep(archive, policy, dispatcher, limit=limit, respect_window=False)
+        with archive.unit_of_work() as uow:
+            summaries = jobs.list_jobs(uow.session, job_id=report.job_id) if report.job_id else []
+    console.print(f"policy {policy}: {report.action}, {report.instances} instance(s)")
+    if summaries:
+        _print_jobs(summaries, "Re-compression")
+
+
+@app.command()
+def verify(
+    study: Annotated[Optional[str], typer.Option(help="One study (Study Instance UID); default all.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Re-read and re-hash stored blobs; exits 1 and lists them per study when any is missing or corrupt."""
+    from archive.services.integrity import verify_blobs
+
+    with _open() as archive:
+        report = verify_blobs(archive, study_uid=study)
+    if as_json:
+        console.print_json(json.dumps(report.as_dict()))
+    else:
+        console.print(f"checked {report.blobs_checked} blob(s), {_human(report.bytes_checked)}: "
+                      f"{len(report.problems)} problem(s)")
+        if report.problems:
+            table = Table(title="Missing or corrupt blobs")
+            for column in ("study", "instance", "blob", "problem"):
+                table.add_column(column, overflow="fold")
+            for problem in report.problems:
+                table.add_row(problem.study_uid, problem.sop_instance_uid, problem.digest, problem.problem)
+            console.print(table)
+    if report.problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gc(
+    grace: Annotated[Optional[float], typer.Option(help="Seconds an unreferenced blob is kept (default: gc_grace).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+) -> None:
+    """Remove blobs no catalog row references, once older than the grace period."""
+    from archive.services.integrity import collect_garbage
+
+    with _open() as archive:
+        report = collect_garbage(archive, grace_seconds=archive.settings.gc_grace if grace is None else grace,
+                                 dry_run=dry_run)
+    console.print_json(json.dumps(report.as_dict()))
 
 
 def main() -> None:

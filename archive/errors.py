@@ -38,3 +38,11 @@ class BlobCorruptError(ArchiveError):
 
 class NotFoundError(ArchiveError):
     """A study, series or instance asked for is not in the catalog."""
+
+
+class TransientError(ArchiveError):
+    """The machine, not the input, failed (database or broker unreachable, disk full): retry later."""
+
+
+class InstanceTimeLimitExceeded(ArchiveError):
+    """One instance took longer than ``instance_time_limit``: it is quarantined, its series goes on."""

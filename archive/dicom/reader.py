@@ -148,6 +148,23 @@ def sniff(path: Path, head: bytes) -> None:
     raise NotDicomError("not DICOM: no 'DICM' marker, no DICOM file name and no data elements at the start")
 
 
+def peek_uids(path: Path) -> tuple[str, str] | None:
+    """Study and Series Instance UID from a file's header, or None when they cannot be read.
+
+    Cheap (stops before the pixels): the watcher groups files by study and
+    series with it before anything is decoded.
+    """
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                             specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+        study, series = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
+    except Exception:  # anything unreadable is grouped apart and quarantined by the worker
+        return None
+    if not study or not series:
+        return None
+    return str(study).strip("\x00 "), str(series).strip("\x00 ")
+
+
 def read_instance(path: Path) -> ParsedInstance:
     """Read and validate ``path``; never modifies it."""
     data = path.read_bytes()

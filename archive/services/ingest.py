@@ -254,7 +254,7 @@ def commit_staged(uow: UnitOfWork, staged: StagedInstance, job_id: int | None) -
         select(Instance).where(Instance.sop_instance_uid == parsed.sop_instance_uid).order_by(Instance.conflict_seq)
     ).all()
     for digest, size in staged.blob_sizes.items():
-        _ensure_blob_row(session, digest, size)
+        ensure_blob_row(session, digest, size)
     study = _get_or_create_study(session, parsed)
     series = _get_or_create_series(session, parsed, study)
     layout = parsed.layout
@@ -478,27 +478,38 @@ def encode_frames(
     return columns, encoded
 
 
-def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any], key: str) -> None:
-    """INSERT ... ON CONFLICT DO NOTHING: concurrent workers may create the same study, series or blob."""
+def _insert(session: Session, model: type[Any], values: dict[str, Any], key: str, refresh: tuple[str, ...] = ()) -> None:
+    """INSERT ... ON CONFLICT: concurrent workers may create the same study, series or blob.
+
+    Columns in ``refresh`` are overwritten on conflict (a blob's ``created_at``
+    restarts the garbage collector's grace period when a new row references it).
+    """
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        statement: Any = pg_insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
+        statement: Any = pg_insert(model).values(**values)
     elif dialect == "sqlite":
-        statement = sqlite_insert(model).values(**values).on_conflict_do_nothing(index_elements=[key])
+        statement = sqlite_insert(model).values(**values)
     else:  # pragma: no cover - other databases are not supported yet
         raise ArchiveError(f"unsupported catalog database {dialect}")
+    if refresh:
+        statement = statement.on_conflict_do_update(
+            index_elements=[key], set_={name: statement.excluded[name] for name in refresh}
+        )
+    else:
+        statement = statement.on_conflict_do_nothing(index_elements=[key])
     session.execute(statement)
 
 
-def _ensure_blob_row(session: Session, digest: str, size: int) -> None:
-    _insert_ignore(session, Blob, {"sha256": digest, "size": size, "created_at": _now()}, "sha256")
+def ensure_blob_row(session: Session, digest: str, size: int) -> None:
+    """Record a blob (or refresh its age) in the transaction that references it."""
+    _insert(session, Blob, {"sha256": digest, "size": size, "created_at": _now()}, "sha256", refresh=("created_at",))
 
 
 def _get_or_create_study(session: Session, parsed: ParsedInstance) -> Study:
     study = session.scalar(select(Study).where(Study.study_uid == parsed.study_uid))
     if study is None:
         now = _now()
-        _insert_ignore(session, Study, dict(
+        _insert(session, Study, dict(
             study_uid=parsed.study_uid,
             patient_id=parsed.text("PatientID"),
             patient_name=parsed.text("PatientName"),
@@ -515,7 +526,7 @@ def _get_or_create_study(session: Session, parsed: ParsedInstance) -> Study:
 def _get_or_create_series(session: Session, parsed: ParsedInstance, study: Study) -> Series:
     series = session.scalar(select(Series).where(Series.series_uid == parsed.series_uid))
     if series is None:
-        _insert_ignore(session, Series, dict(
+        _insert(session, Series, dict(
             study_id=study.id,
             series_uid=parsed.series_uid,
             modality=parsed.text("Modality"),

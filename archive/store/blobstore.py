@@ -3,6 +3,10 @@
 Writes are atomic (temporary file, fsync, rename, fsync of the folder) so a
 crash leaves either the whole blob or nothing; every read re-hashes, so a
 flipped bit on disk is an error, never wrong pixels.
+
+A blob's modification time is the last time it was put: putting content that
+is already stored refreshes it, so the garbage collector's grace period
+protects content that is about to be referenced again.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import hashlib
 import os
 import re
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +42,10 @@ class BlobStore(Protocol):
 
     def digests(self) -> Iterator[str]: ...
 
+    def mtime(self, digest: str) -> float | None: ...
+
+    def delete_if_older(self, digest: str, cutoff: float) -> int | None: ...
+
 
 class FileBlobStore:
     """Blobs as files under ``root/ab/cd/abcd…`` (two fan-out levels)."""
@@ -53,8 +62,12 @@ class FileBlobStore:
     def put(self, data: bytes) -> str:
         digest = sha256_hex(data)
         target = self.path_for(digest)
-        if target.exists() and target.stat().st_size == len(data) and sha256_hex(target.read_bytes()) == digest:
-            return digest  # already stored intact (a corrupt copy is rewritten below)
+        try:
+            if target.stat().st_size == len(data) and sha256_hex(target.read_bytes()) == digest:
+                os.utime(target)  # about to be referenced again: restart the GC's grace period
+                return digest  # already stored intact (a corrupt copy is rewritten below)
+        except FileNotFoundError:
+            pass  # not stored, or the garbage collector took it meanwhile: write it
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:
@@ -94,6 +107,34 @@ class FileBlobStore:
         for path in self.root.glob("*/*/*"):
             if _HEX64.fullmatch(path.name):
                 yield path.name
+
+    def mtime(self, digest: str) -> float | None:
+        """When the blob was last put (epoch seconds), or None when it is absent."""
+        try:
+            return self.path_for(digest).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def delete_if_older(self, digest: str, cutoff: float) -> int | None:
+        """Delete the blob unless it was put at or after ``cutoff`` (epoch seconds); returns the bytes freed.
+
+        The file is first renamed aside and its age read there, so a ``put`` of
+        the same content that races with the collector either refreshed the
+        mtime before the rename (the file is put back) or finds no file and
+        writes a new one: content about to be referenced is never lost.
+        """
+        path = self.path_for(digest)
+        aside = path.with_name(f".gc-{digest}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return None
+        info = aside.stat()
+        if info.st_mtime >= cutoff:
+            os.replace(aside, path)  # put again meanwhile: keep it (identical content if rewritten)
+            return None
+        aside.unlink()
+        return info.st_size
 
 
 def _fsync_dir(path: Path) -> None:

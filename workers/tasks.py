@@ -1,0 +1,100 @@
+"""Thin Celery tasks: each calls the service function the CLI calls.
+
+The catalog decides what is done; a message only names a job task. Transient
+failures (database, broker, full disk) are retried with exponential backoff
+and jitter; bad input never raises here, it is quarantined by the service.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_process_init, worker_ready
+
+from archive.config import Settings
+from archive.errors import TransientError
+from archive.services import integrity, jobs, sweeps
+from archive.services.runtime import Archive
+from workers.app import app
+
+log = logging.getLogger(__name__)
+_archive: Archive | None = None
+
+
+def get_archive() -> Archive:
+    """One Archive (engine, store) per worker process, opened after the fork."""
+    global _archive
+    if _archive is None:
+        _archive = Archive.open(Settings.load())
+    return _archive
+
+
+@worker_process_init.connect
+def _fresh_archive_after_fork(**_: Any) -> None:
+    global _archive
+    _archive = None  # never share a parent's database connections with a child
+
+
+@worker_ready.connect
+def _reconcile_on_start(**_: Any) -> None:
+    reconcile.apply_async(countdown=1)
+
+
+def dispatch_task(task_id: int) -> str:
+    """The services' dispatcher: one broker message per job task."""
+    return str(process_task.apply_async(args=(task_id,)).id)
+
+
+def queue_depth() -> int | None:
+    """Messages waiting in the work queue, or None when the broker cannot say."""
+    try:
+        with app.connection_for_write() as connection:
+            channel: Any = connection.default_channel
+            declared = channel.queue_declare(queue=app.conf.task_default_queue, passive=True)
+            return int(declared.message_count)
+    except Exception:  # a broker that cannot be asked is treated as "unknown", never as "empty"
+        return None
+
+
+@app.task(
+    bind=True,
+    name="medarchive.process_task",
+    autoretry_for=(TransientError,),
+    retry_backoff=2,
+    retry_backoff_max=300,
+    retry_jitter=True,
+    max_retries=10,
+)
+def process_task(self: Task[Any, Any], task_id: int) -> dict[str, Any]:
+    """Archive (or re-compress) one chunk of one series."""
+    return jobs.run_task(get_archive(), task_id).as_dict()
+
+
+@app.task(name="medarchive.reconcile", autoretry_for=(TransientError,), retry_backoff=2, retry_jitter=True,
+          max_retries=3)
+def reconcile() -> dict[str, Any]:
+    report = jobs.reconcile(get_archive(), dispatch_task, queue_depth=queue_depth())
+    if report.redispatched or report.finalized:
+        log.info("reconciler: %s", report.as_dict())
+    return report.as_dict()
+
+
+@app.task(name="medarchive.recompress_sweep")
+def recompress_sweep(policy: str) -> dict[str, Any]:
+    return sweeps.start_sweep(get_archive(), policy, dispatch_task).as_dict()
+
+
+@app.task(name="medarchive.verify", acks_late=False)
+def verify(study_uid: str | None = None) -> dict[str, Any]:
+    report = integrity.verify_blobs(get_archive(), study_uid=study_uid)
+    if report.problems:
+        log.error("verify: %d problem blobs: %s", len(report.problems), report.problems[:20])
+    return report.as_dict()
+
+
+@app.task(name="medarchive.gc", acks_late=False)
+def gc() -> dict[str, Any]:
+    archive = get_archive()
+    return integrity.collect_garbage(archive, grace_seconds=archive.settings.gc_grace).as_dict()
