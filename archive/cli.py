@@ -329,6 +329,7 @@ def worker(
     loglevel: Annotated[str, typer.Option()] = "INFO",
 ) -> None:
     """Start one Celery worker (production: one per container, scale the service)."""
+    Settings.load().home.mkdir(parents=True, exist_ok=True)  # the embedded broker lives there
     from workers.app import app as celery_app
 
     celery_app.worker_main(["worker", "--concurrency", str(concurrency), "--hostname", name,
@@ -338,6 +339,7 @@ def worker(
 @app.command()
 def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     """Start Celery beat: reconciler, re-compression policies, verify and GC on their schedules."""
+    Settings.load().home.mkdir(parents=True, exist_ok=True)
     from workers.app import app as celery_app
 
     celery_app.start(["celery", "beat", "--loglevel", loglevel, "--schedule", celery_app.conf.beat_schedule_filename])

@@ -44,7 +44,6 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.load()
-    settings.home.mkdir(parents=True, exist_ok=True)
     app = Celery("medarchive", broker=settings.effective_broker_url, backend=settings.effective_result_backend,
                  include=["workers.tasks"])
     app.conf.update(

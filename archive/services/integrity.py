@@ -194,13 +194,13 @@ def collect_garbage(
     )
     with archive.unit_of_work() as uow:
         if dry_run:
-            rows = uow.session.execute(select(Blob.sha256, Blob.size).where(unreferenced)).tuples().all()
+            rows = uow.session.execute(select(Blob.sha256, Blob.size).where(unreferenced)).all()
         else:
             # The DELETE carries the conditions itself: a reference committed after any earlier read is seen
             # (PostgreSQL re-checks a row another transaction updated; SQLite has a single writer).
             rows = uow.session.execute(
                 delete(Blob).where(unreferenced).returning(Blob.sha256, Blob.size)
-            ).tuples().all()
+            ).all()
             uow.commit()
     report.blob_rows = len(rows)
     store = archive.store

@@ -14,7 +14,7 @@ import copy
 import dataclasses
 import hashlib
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple, cast
@@ -173,7 +173,9 @@ def recompress_instance(archive: Archive, instance_id: int, policy: RecompressPo
         reason = _not_a_candidate(instance, old, policy, target)
         if reason is not None:
             size = old.bytes_after if old is not None else 0
-            leftover = _unreleased_parent(uow.session, old)
+            # Only a run that finds its own target current finishes an interrupted release: any other
+            # previous generation is left exactly as it is.
+            leftover = _unreleased_parent(uow.session, old) if reason[0] == UNCHANGED else None
         else:
             assert old is not None
             old_id, old_generation, old_codec, bytes_before = old.id, old.generation, old.codec_id, old.bytes_after
@@ -313,8 +315,3 @@ def _utc(now: datetime | None) -> datetime:
         return datetime.now(timezone.utc)
     return now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)
 
-
-def outcome_counts(results: Sequence[RecompressResult]) -> dict[str, int]:
-    """Results per outcome, every outcome present (for job counters)."""
-    counts = Counter(r.outcome for r in results)
-    return {outcome: counts.get(outcome, 0) for outcome in OUTCOMES}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -33,11 +34,35 @@ def test_put_get_round_trip_and_content_address(store: FileBlobStore, data: byte
 def test_put_is_idempotent(store: FileBlobStore) -> None:
     data = b"same bytes twice"
     first = store.put(data)
-    mtime = store.path_for(first).stat().st_mtime_ns
+    inode = store.path_for(first).stat().st_ino
     assert store.put(data) == first
-    assert store.path_for(first).stat().st_mtime_ns == mtime, "an existing blob is not rewritten"
+    assert store.path_for(first).stat().st_ino == inode, "an existing blob is not rewritten"
     assert list(store.digests()) == [first]
     assert store.get(first) == data
+
+
+def test_put_of_stored_content_refreshes_its_mtime(store: FileBlobStore) -> None:
+    """The garbage collector's grace period runs from the last put: content about to be referenced is kept."""
+    digest = store.put(b"referenced again later")
+    path = store.path_for(digest)
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+    assert store.mtime(digest) == 1_000_000_000
+    before = time.time()
+    store.put(b"referenced again later")
+    assert (store.mtime(digest) or 0) >= before - 1
+    assert store.mtime(sha256_hex(b"never stored")) is None
+
+
+def test_delete_if_older_deletes_only_old_blobs(store: FileBlobStore) -> None:
+    old, young = store.put(b"old blob" * 10), store.put(b"young blob")
+    os.utime(store.path_for(old), (1_000_000_000, 1_000_000_000))
+    cutoff = time.time() - 3600
+    assert store.delete_if_older(old, cutoff) == 80
+    assert store.delete_if_older(young, cutoff) is None
+    assert not store.exists(old) and store.get(young) == b"young blob"
+    assert store.delete_if_older(old, cutoff) is None  # already gone
+    assert [p.name for p in store.root.rglob(".*")] == []  # nothing left aside
+    assert store.put(b"old blob" * 10) == old and store.get(old) == b"old blob" * 10  # put again after GC
 
 
 def test_distinct_content_distinct_blobs(store: FileBlobStore) -> None:
