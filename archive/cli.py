@@ -342,7 +342,7 @@ def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     Settings.load().home.mkdir(parents=True, exist_ok=True)
     from workers.app import app as celery_app
 
-    celery_app.start(["celery", "beat", "--loglevel", loglevel, "--schedule", celery_app.conf.beat_schedule_filename])
+    celery_app.start(["beat", "--loglevel", loglevel, "--schedule", celery_app.conf.beat_schedule_filename])
 
 
 @app.command()

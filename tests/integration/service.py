@@ -122,18 +122,18 @@ class Service:
                 select(func.count()).select_from(JobItem).where(JobItem.status.in_(["done", "quarantined", "failed"]))
             ) or 0)
 
+    def items_running(self) -> int:
+        with self.archive() as archive, archive.unit_of_work() as uow:
+            return int(uow.session.scalar(
+                select(func.count()).select_from(JobItem).where(JobItem.status == "running")
+            ) or 0)
+
     def instance_counts(self) -> dict[str, int]:
         """SOP Instance UID -> catalog rows (must be 1 each: nothing lost, nothing duplicated)."""
         with self.archive() as archive, archive.unit_of_work() as uow:
             return {uid: n for uid, n in uow.session.execute(
                 select(Instance.sop_instance_uid, func.count()).group_by(Instance.sop_instance_uid)
             )}
-
-
-def flush_redis(url: str) -> None:
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
 
 
 class PrivateRedis:
