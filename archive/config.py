@@ -2,7 +2,8 @@
 
 Precedence, highest first: keyword overrides, environment variables, the TOML
 file (``MEDARCHIVE_CONFIG``, else ``$MEDARCHIVE_HOME/medarchive.toml``),
-built-in defaults. No secret has a default. Every scalar setting ``name`` is
+built-in defaults. No secret has a default; a database password can come from
+a file (``MEDARCHIVE_DATABASE_PASSWORD_FILE``, for Docker secrets). Every scalar setting ``name`` is
 read from ``MEDARCHIVE_NAME`` or the TOML key ``name``.
 
 Example ``medarchive.toml``::
@@ -149,6 +150,9 @@ class Settings:
             or file_values.get("database_url")
             or f"sqlite:///{home / 'catalog.sqlite'}"
         )
+        password_file = env.get("MEDARCHIVE_DATABASE_PASSWORD_FILE") or file_values.get("database_password_file")
+        if password_file:
+            database_url = _with_password(str(database_url), Path(password_file))
         codec = overrides.get("codec") or _codec_from_env(env) or file_values.get("codec")
         codec = dict(codec) if codec else {"id": "jpegls"}
         if "id" not in codec:
@@ -168,6 +172,17 @@ class Settings:
         if policies is None:
             policies = _policies(file_values.get("policies", {}))
         return cls(home=home, database_url=str(database_url), codec=codec, policies=policies, **values)
+
+
+def _with_password(url: str, password_file: Path) -> str:
+    """A password kept in a file (a Docker secret) joins the URL in memory only."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        password = password_file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the database password file {password_file}: {exc}") from exc
+    return make_url(url).set(password=password).render_as_string(hide_password=False)
 
 
 def _coerce(name: str, kind: Any, raw: Any) -> Any:

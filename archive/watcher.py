@@ -89,14 +89,14 @@ class InboxWatcher:
         self.arriving: dict[str, _Arriving] = {}
         self.events: queue.SimpleQueue[Path] = queue.SimpleQueue()
         self.spooled_jobs: list[int] = []
-        self._own = settings.home.absolute()
+        self._own = tuple(p.absolute() for p in (settings.spool_dir, settings.blob_dir, settings.quarantine_dir))
 
     # -- observing files
 
     def scan(self) -> None:
         """Walk the whole inbox (start-up, and every ``rescan_interval`` seconds)."""
         for folder, dirs, names in os.walk(self.inbox):
-            dirs[:] = [d for d in dirs if not is_ignored(d) and Path(folder, d).absolute() != self._own]
+            dirs[:] = [d for d in dirs if not is_ignored(d) and Path(folder, d).absolute() not in self._own]
             for name in names:
                 self.observe(Path(folder) / name)
 
@@ -120,11 +120,9 @@ class InboxWatcher:
             self.pending[path] = _Pending(stat.st_size, stat.st_mtime_ns, self.clock())
 
     def _is_ours(self, path: Path) -> bool:
-        try:
-            path.absolute().relative_to(self._own)
-        except ValueError:
-            return False
-        return True
+        """The archive's own folders (spool, blobs, quarantine) may live inside the inbox's volume."""
+        absolute = path.absolute()
+        return any(absolute == own or own in absolute.parents for own in self._own)
 
     # -- deciding
 

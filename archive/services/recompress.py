@@ -216,7 +216,7 @@ def recompress_instance(archive: Archive, instance_id: int, policy: RecompressPo
         )).rowcount
         if flipped != 1:
             return RecompressResult(instance_id, UNCHANGED, replaced, bytes_before, bytes_before, study_id)
-        for digest, size in dict(new_refs).items():
+        for digest, size in sorted(dict(new_refs).items()):  # sorted: concurrent runs lock rows in one order
             ensure_blob_row(session, digest, size)  # in the referencing transaction: restarts the GC's grace
         generation = (session.scalar(
             select(func.max(Encoding.generation)).where(Encoding.instance_id == instance_id)
