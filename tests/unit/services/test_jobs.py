@@ -1,0 +1,263 @@
+"""Jobs, claims, careful mode, poison instances, the spool and the reconciler, without a broker.
+
+The dispatcher here runs nothing: it records which job tasks would have been
+sent, so each use case is driven step by step on a real catalog (SQLite and
+PostgreSQL) with real DICOM files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select, update
+
+from archive.catalog.models import Instance, ItemStatus, Job, JobItem, JobStatus, JobTask, QuarantineEntry, Study
+from archive.errors import InstanceTimeLimitExceeded
+from archive.services import jobs
+from archive.services.runtime import Archive
+from tests.conftest import shared_data
+
+MR_GE = "mr-ge-signa"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def __call__(self, task_id: int) -> str:
+        self.sent.append(task_id)
+        return f"message-{task_id}-{len(self.sent)}"
+
+
+@pytest.fixture
+def study_files(tmp_path: Path) -> Path:
+    source = tmp_path / "source"
+    for folder in sorted((shared_data() / MR_GE).iterdir()):
+        for path in sorted(folder.iterdir())[:10]:
+            target = source / folder.name / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+    return source  # two series, 10 instances each
+
+
+def _items(archive: Archive, job_id: int) -> list[JobItem]:
+    with archive.unit_of_work() as uow:
+        items = list(uow.session.scalars(select(JobItem).where(JobItem.job_id == job_id).order_by(JobItem.id)))
+        uow.session.expunge_all()
+    return items
+
+
+def _set_items(archive: Archive, task_id: int, **values: object) -> None:
+    with archive.unit_of_work() as uow:
+        uow.session.execute(update(JobItem).where(JobItem.task_id == task_id).values(**values))
+        uow.commit()
+
+
+def test_jobs_are_chunked_per_series(archive: Archive, study_files: Path) -> None:
+    archive = Archive.open(dataclasses.replace(archive.settings, chunk_size=4))
+    recorder = Recorder()
+    job_id, skipped = jobs.submit_paths(archive, [study_files], recorder)
+    assert not skipped
+    with archive.unit_of_work() as uow:
+        tasks = list(uow.session.scalars(select(JobTask).where(JobTask.job_id == job_id)))
+        sizes = sorted(len(t.items) for t in tasks)
+        assert sizes == [2, 2, 4, 4, 4, 4]  # 10 = 4 + 4 + 2 per series, never mixing series
+        assert all(len({pydicom.dcmread(i.path, stop_before_pixels=True).SeriesInstanceUID for i in t.items}) == 1
+                   for t in tasks)
+        assert all(t.dispatches == 1 and t.dispatched_at is not None for t in tasks)
+        assert sorted(recorder.sent) == sorted(t.id for t in tasks)
+
+
+def test_batch_run_archives_the_chunk_and_finalizes(archive: Archive, study_files: Path) -> None:
+    recorder = Recorder()
+    job_id, _ = jobs.submit_paths(archive, [study_files], recorder)
+    reports = [jobs.run_task(archive, task_id) for task_id in recorder.sent]
+    assert all(r.mode == "batch" for r in reports)
+    assert [r.finalized for r in reports] == [False] * (len(reports) - 1) + [True]
+    assert {i.status for i in _items(archive, job_id)} == {ItemStatus.DONE}
+    with archive.unit_of_work() as uow:
+        job = uow.session.get_one(Job, job_id)
+        assert job.status is JobStatus.DONE and job.counts["stored"] == 20
+        study = uow.session.scalars(select(Study)).one()
+        assert (study.num_series, study.num_instances) == (2, 20)
+    # a redelivered message finds nothing left to do
+    again = jobs.run_task(archive, recorder.sent[0])
+    assert not again.outcomes and again.mode == "batch"
+
+
+def test_redelivery_after_a_dead_worker_goes_instance_by_instance(archive: Archive, study_files: Path) -> None:
+    recorder = Recorder()
+    job_id, _ = jobs.submit_paths(archive, [study_files], recorder)
+    first = recorder.sent[0]
+    dead = f"{socket.gethostname()}:{2**22 + 17}:1"  # no such pid on this host
+    _set_items(archive, first, status=ItemStatus.RUNNING, owner=dead, attempts=1,
+               lease_until=datetime.now(timezone.utc) + timedelta(hours=1))
+    report = jobs.run_task(archive, first)
+    assert report.mode == "careful" and report.outcomes["stored"] == 10
+    items = [i for i in _items(archive, job_id) if i.task_id == first]
+    assert all(i.status is ItemStatus.DONE and i.attempts == 2 for i in items)
+
+
+def test_an_instance_that_keeps_killing_its_worker_is_quarantined_alone(archive: Archive, study_files: Path) -> None:
+    recorder = Recorder()
+    job_id, _ = jobs.submit_paths(archive, [study_files], recorder)
+    first = recorder.sent[0]
+    dead = f"{socket.gethostname()}:{2**22 + 17}:1"
+    poison = _items(archive, job_id)[3]
+    with archive.unit_of_work() as uow:  # the careful retry died on this one too: attempts == max_attempts
+        uow.session.execute(update(JobItem).where(JobItem.id == poison.id).values(
+            status=ItemStatus.RUNNING, owner=dead, attempts=archive.settings.max_attempts))
+        uow.commit()
+    report = jobs.run_task(archive, first)
+    items = {i.id: i for i in _items(archive, job_id) if i.task_id == first}
+    assert items[poison.id].status is ItemStatus.QUARANTINED and "worker died" in (items[poison.id].error or "")
+    assert sum(i.status is ItemStatus.DONE for i in items.values()) == 9
+    assert report.outcomes == {"stored": 9, "quarantined": 1}
+    with archive.unit_of_work() as uow:
+        entry = uow.session.scalars(select(QuarantineEntry)).one()
+        assert Path(entry.stored_path).read_bytes() == Path(poison.path or "").read_bytes()
+
+
+def test_items_held_by_a_live_worker_are_left_alone(archive: Archive, study_files: Path) -> None:
+    recorder = Recorder()
+    job_id, _ = jobs.submit_paths(archive, [study_files], recorder)
+    first = recorder.sent[0]
+    parent = os.getppid()
+    alive = f"{socket.gethostname()}:{parent}:{jobs._start_ticks(parent)}"
+    _set_items(archive, first, status=ItemStatus.RUNNING, owner=alive, attempts=1,
+               lease_until=datetime.now(timezone.utc) + timedelta(hours=1))
+    report = jobs.run_task(archive, first)
+    assert report.skipped_busy == 10 and not report.outcomes
+    assert not jobs.reconcile(archive, recorder, queue_depth=0).redispatched  # a live claim is not lost work
+    # once its lease expires it is anybody's
+    _set_items(archive, first, lease_until=datetime.now(timezone.utc) - timedelta(seconds=1))
+    assert first in jobs.reconcile(archive, recorder, queue_depth=0).redispatched
+
+
+def test_owner_is_dead() -> None:
+    assert not jobs.owner_is_dead(jobs.process_owner())
+    assert jobs.owner_is_dead(f"{socket.gethostname()}:{2**22 + 17}:1")
+    assert jobs.owner_is_dead(f"{socket.gethostname()}:{os.getpid()}:not-my-start-time")  # pid reused
+    assert not jobs.owner_is_dead("another-host:1:1")  # only its lease can expire
+    assert jobs.owner_is_dead(None)
+
+
+def test_reconciler_resends_lost_and_unsent_tasks(archive: Archive, study_files: Path) -> None:
+    job_id, _ = jobs.submit_paths(archive, [study_files], Recorder())
+    with archive.unit_of_work() as uow:
+        task_ids = jobs.job_task_ids(uow.session, job_id)
+        uow.session.execute(update(JobTask).where(JobTask.id == task_ids[0]).values(dispatched_at=None))
+        long_ago = datetime.now(timezone.utc) - timedelta(seconds=archive.settings.requeue_after + 5)
+        uow.session.execute(update(JobTask).where(JobTask.id == task_ids[1]).values(dispatched_at=long_ago))
+        uow.commit()
+    recorder = Recorder()
+    # the broker still holds one message: only the oldest lost one beyond that is re-sent
+    report = jobs.reconcile(archive, recorder, queue_depth=5)
+    assert report.redispatched == [task_ids[0]]
+    report = jobs.reconcile(archive, recorder, queue_depth=0)
+    assert report.redispatched == [task_ids[1]]
+    with archive.unit_of_work() as uow:
+        assert uow.session.get_one(JobTask, task_ids[1]).dispatches == 2
+
+
+def test_a_broker_that_is_down_leaves_tasks_to_the_reconciler(archive: Archive, study_files: Path) -> None:
+    import kombu.exceptions
+
+    def down(task_id: int) -> str:
+        raise kombu.exceptions.OperationalError("Error 111 connecting to 127.0.0.1:6399. Connection refused.")
+
+    job_id, _ = jobs.submit_paths(archive, [study_files], down)
+    recorder = Recorder()
+    report = jobs.reconcile(archive, recorder)
+    with archive.unit_of_work() as uow:
+        assert sorted(report.redispatched) == jobs.job_task_ids(uow.session, job_id)
+
+
+def test_spool_moves_files_and_queues_each_task_once(archive: Archive, study_files: Path, tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    shutil.copytree(study_files, inbox)
+    files = [(p, str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID))
+             for p in sorted(inbox.rglob("*")) if p.is_file()]
+    study_uid = str(pydicom.dcmread(files[0][0], stop_before_pixels=True).StudyInstanceUID)
+    recorder = Recorder()
+    job_id = jobs.spool_study(archive, inbox, study_uid, files, recorder)
+    assert not any(p.is_file() for p in inbox.rglob("*"))
+    with archive.unit_of_work() as uow:
+        job = uow.session.get_one(Job, job_id)
+        spool = Path(job.spool_dir or "")
+        assert job.status is JobStatus.QUEUED and len(list(spool.rglob("*.MRDC.*"))) == 20
+        assert sorted(recorder.sent) == jobs.job_task_ids(uow.session, job_id)
+    for task_id in list(recorder.sent):
+        jobs.run_task(archive, task_id)
+    assert not spool.exists()  # released once every instance is archived
+    with archive.unit_of_work() as uow:
+        assert uow.session.get_one(Job, job_id).status is JobStatus.DONE
+
+
+def test_a_watcher_killed_while_spooling_is_finished_on_restart(archive: Archive, study_files: Path,
+                                                               tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    shutil.copytree(study_files, inbox)
+    paths = sorted(p for p in inbox.rglob("*") if p.is_file())
+    rels = [[str(p.relative_to(inbox)), None] for p in paths]
+    with archive.unit_of_work() as uow:  # what spool_study records before it moves anything
+        job = Job(kind="ingest", status=JobStatus.SPOOLING, study_uid="1.2.3", fingerprint="f" * 64,
+                  params={"inbox": str(inbox), "files": rels, "codec": {"id": "jpegls"}})
+        uow.session.add(job)
+        uow.session.flush()
+        job.spool_dir = str(archive.settings.spool_dir / f"job-{job.id}")
+        uow.commit()
+        job_id = job.id
+    spool = Path(job.spool_dir)
+    for path in paths[:7]:  # killed after moving seven files
+        target = spool / path.relative_to(inbox)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(target)
+    recorder = Recorder()
+    assert jobs.resume_spooling(archive, recorder) == [job_id]
+    assert jobs.resume_spooling(archive, recorder) == []  # once
+    assert len([p for p in spool.rglob("*") if p.is_file()]) == 20
+    with archive.unit_of_work() as uow:
+        assert len(uow.session.scalars(select(JobItem).where(JobItem.job_id == job_id)).all()) == 20
+        assert sorted(recorder.sent) == jobs.job_task_ids(uow.session, job_id)
+
+
+def test_spool_is_kept_when_a_blob_went_missing(archive: Archive, study_files: Path, tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    shutil.copytree(study_files, inbox)
+    files = [(p, None) for p in sorted(inbox.rglob("*")) if p.is_file()][:2]
+    recorder = Recorder()
+    job_id = jobs.spool_study(archive, inbox, "study", files, recorder)
+    with archive.unit_of_work() as uow:
+        uow.session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.RUNNING))
+        uow.commit()
+    for task_id in recorder.sent:  # archive the chunk without finalizing the job yet
+        jobs._run_batch(archive, task_id, jobs.process_owner(), jobs.TaskReport(task_id))
+    with archive.unit_of_work() as uow:
+        header = uow.session.scalars(select(Instance.header_blob).where(Instance.job_id == job_id)).first()
+    assert header is not None
+    archive.store.path_for(header).unlink()  # a disk lost it between archiving and finalizing
+    assert jobs.finalize_job(archive, job_id)
+    with archive.unit_of_work() as uow:
+        failed = uow.session.get_one(Job, job_id)
+        assert failed.status is JobStatus.FAILED and "missing" in (failed.error or "")
+        assert len([p for p in Path(failed.spool_dir or "").rglob("*") if p.is_file()]) == 2  # kept
+
+
+def test_instance_deadline_interrupts_a_slow_instance() -> None:
+    started = time.monotonic()
+    with pytest.raises(InstanceTimeLimitExceeded):
+        with jobs.instance_deadline(0.2):
+            time.sleep(5)
+    assert time.monotonic() - started < 2
+    with jobs.instance_deadline(0.5):  # a fast one is untouched, and the alarm is off afterwards
+        time.sleep(0.01)
+    time.sleep(0.6)
