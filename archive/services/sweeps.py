@@ -25,7 +25,7 @@ class SweepReport:
     policy: str
     job_id: int | None = None
     action: str = "nothing to do"  # started | resumed | outside window | nothing to do
-    instances: int = 0
+    instances: int = 0  # queued by this sweep (started) or still waiting (resumed)
     dispatched: int = 0
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -64,15 +64,19 @@ def start_sweep(
                 select(JobItem.task_id).where(JobItem.job_id == open_job.id, JobItem.status == ItemStatus.QUEUED)
             )))
             report.job_id, report.action = open_job.id, "resumed"
-            report.instances = len(task_ids)
+            report.instances = len(set(session.scalars(
+                select(JobItem.id).where(JobItem.job_id == open_job.id, JobItem.status == ItemStatus.QUEUED)
+            )))
         else:
             candidates = select_candidates(session, policy, limit=limit or policy.batch_size)
             if not candidates:
                 return report
-            series_of = dict(session.execute(
-                select(Instance.id, Series.series_uid).join(Series, Instance.series_id == Series.id)
-                .where(Instance.id.in_(candidates))
-            ).tuples().all())
+            series_of: dict[int, str] = {
+                instance_id: series_uid for instance_id, series_uid in session.execute(
+                    select(Instance.id, Series.series_uid).join(Series, Instance.series_id == Series.id)
+                    .where(Instance.id.in_(candidates))
+                )
+            }
             job = create_job(
                 session, kind="recompress", policy=policy_name, chunk_size=settings.chunk_size,
                 items=[ItemSpec(instance_id=i, series_uid=series_of.get(i)) for i in candidates],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -315,3 +316,43 @@ def test_recompression_sweep_interrupted_and_resumed(service: Service, tmp_path:
 
 def _study(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def test_run_starts_every_role_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    service = _service(tmp_path, f"sqlite:///{tmp_path / 'home' / 'catalog.sqlite'}", "")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    source = shared_data() / MR_GE / "01_3_Plane_Localizer_FF"
+    run = service.start("run", "run", str(inbox), "--concurrency", "1")
+    try:
+        _copy(source, inbox)
+        jobs = service.wait_for(lambda: service.jobs_finished(1), 120, "the study via `medarchive run`")
+        assert jobs[0].status.value == "done" and jobs[0].counts["stored"] == 21
+        children = _children(run.pid)
+        assert len(children) >= 3  # watcher, worker, beat
+        os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        assert run.wait(timeout=90) == 0
+        assert not [pid for pid in children if _alive(pid)]
+    finally:
+        service.stop_all()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
