@@ -262,9 +262,9 @@ def test_poison_instance_is_quarantined_alone(service: Service, tmp_path: Path) 
 
 def test_recompression_sweep_interrupted_and_resumed(service: Service, tmp_path: Path) -> None:
     source = tmp_path / "ct"
-    for path in sorted((shared_data() / "ct-chest-tcia").rglob("*"))[:40]:
-        if path.is_file() and len(list(source.rglob("*"))) < 12:
-            shutil.copyfile(path, (source.mkdir(exist_ok=True), source / f"{path.parent.parent.name}-{path.name}")[1])
+    source.mkdir()
+    for path in sorted(p for p in (shared_data() / "ct-chest-tcia").rglob("*") if p.is_file())[:12]:
+        shutil.copyfile(path, source / f"{path.parent.parent.name}-{path.parent.name}-{path.name}")
     originals = _originals(source)
     service.start_worker(concurrency=1)
     with service.archive() as archive:
