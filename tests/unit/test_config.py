@@ -136,3 +136,54 @@ def test_codec_table_without_id(tmp_path: Path) -> None:
 def test_malformed_header_zstd_level(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_HEADER_ZSTD_LEVEL": "nine"})
+
+
+def test_service_settings_from_environment_and_file(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    _toml(home / "medarchive.toml", 'broker_url = "redis://file:6379/0"\nstable_age = 30\nchunk_size = 16\n'
+          '[policies.old-ct]\ncodec = { id = "jpegxl", effort = 7 }\nmodalities = ["CT"]\n'
+          'from_codecs = ["jpegls"]\narchived_before_days = 365\nwindow = "01:00-05:00"\n')
+    settings = Settings.load(environ={"MEDARCHIVE_HOME": str(home), "MEDARCHIVE_STABLE_AGE": "5"})
+    assert settings.stable_age == 5.0 and settings.chunk_size == 16
+    assert settings.effective_broker_url == "redis://file:6379/0"
+    assert settings.effective_result_backend == "redis://file:6379/0"
+    policy = settings.policy("old-ct")
+    assert policy.codec == {"id": "jpegxl", "effort": 7} and policy.modalities == ("CT",)
+    assert policy.archived_before_days == 365
+
+
+def test_embedded_broker_is_the_default(tmp_path: Path) -> None:
+    settings = Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path)})
+    assert settings.effective_broker_url == f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}"
+    assert settings.effective_result_backend.startswith("db+sqlite:///")
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[policies.p]\nmodalities = ["CT"]\n', "needs a codec"),
+    ('[policies.p]\ncodec = "zstd"\nspeed = 3\n', "unknown keys"),
+    ('[policies.p]\ncodec = "zstd"\nwindow = "late"\n', "window"),
+    ('chunk_size = "many"\n', "chunk_size"),
+])
+def test_bad_service_settings_are_clear_errors(tmp_path: Path, body: str, message: str) -> None:
+    _toml(tmp_path / "medarchive.toml", body)
+    with pytest.raises(ConfigError, match=message):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path)})
+
+
+def test_unknown_policy(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no re-compression policy 'x'"):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path)}).policy("x")
+
+
+def test_database_password_from_a_secret_file(tmp_path: Path) -> None:
+    secret = tmp_path / "db_password"
+    secret.write_text("s3cr/t@x\n")
+    settings = Settings.load(environ={
+        "MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_DATABASE_URL": "postgresql+psycopg://archive@db:5432/m",
+        "MEDARCHIVE_DATABASE_PASSWORD_FILE": str(secret)})
+    from sqlalchemy.engine import make_url
+
+    assert make_url(settings.database_url).password == "s3cr/t@x"
+    with pytest.raises(ConfigError, match="password file"):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_DATABASE_URL": "postgresql://a@b/c",
+                               "MEDARCHIVE_DATABASE_PASSWORD_FILE": str(tmp_path / "missing")})
