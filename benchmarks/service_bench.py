@@ -432,7 +432,9 @@ class WorkerSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.processes} ({self.nodes} node{'s' if self.nodes > 1 else ''} x --concurrency {self.concurrency})"
+        if self.nodes == 1:
+            return f"{self.processes} (1 node, -c {self.concurrency})"
+        return f"{self.processes} ({self.nodes} nodes, -c {self.concurrency})"
 
     @property
     def short(self) -> str:
@@ -567,6 +569,7 @@ def run_service(
             sent.append(message_id)
             return message_id
 
+        result["loadavg_before"] = os.getloadavg()[0]
         started_at = datetime.now(timezone.utc)
         t0 = time.perf_counter()
         jobs.submit_paths(archive, fileset.roots, dispatcher)
@@ -599,8 +602,11 @@ def run_service(
         result.update({
             "submit_s": submit_s, "wall_s": wall, "polled_wall_s": polled_s, "polls": polls,
             "first_task_started_s": (first_start - started_at).total_seconds() if first_start else None,
-            "messages_sent": len(sent),
+            "messages_sent": len(sent), "loadavg_after": os.getloadavg()[0],
         })
+        if result["instances"] != fileset.instances and fileset.name.startswith("ct"):
+            raise RuntimeError(f"{result['instances']} instances archived, {fileset.instances} expected: "
+                               f"{result['item_outcomes']} {result['job_errors']}")
         _rates(result)
         return result
     finally:
@@ -734,7 +740,7 @@ def print_report(res: dict[str, Any]) -> None:
                 t.add_column(h, justify="left" if i < 2 else "right")
             for row in rows:
                 t.add_row(*row)
-            Console(width=max(120, shutil.get_terminal_size().columns)).print(t)
+            Console(width=max(150, shutil.get_terminal_size().columns)).print(t)
         else:
             print(title)
             print(" | ".join(header))
@@ -769,7 +775,7 @@ def print_report(res: dict[str, Any]) -> None:
     rows = []
     for r in res["service"]:
         if "error" in r:
-            rows.append([r["broker"], r["workers"], "-", "-", "-", "-", "-", "-", "-", "-", "-", "ERROR " + r["error"][:60]])
+            rows.append([r["broker"], r["workers"], *["-"] * 10, "ERROR " + r["error"][:60]])
             continue
         note = []
         if r["broker"] == "embedded":
@@ -782,11 +788,12 @@ def print_report(res: dict[str, Any]) -> None:
         if bad:
             note.append(f"outcomes {bad}")
         rows.append([r["broker"] + "/" + r["catalog"], r["workers"], str(r["instances"]), str(r["studies"]),
-                     _fmt(r["wall_s"]), _fmt(r["submit_s"]), _fmt(r["instances_per_s"], 1),
+                     _fmt(r["wall_s"]), _fmt(r["submit_s"]), _fmt(r.get("first_task_started_s")), _fmt(r["instances_per_s"], 1),
                      _fmt(r["studies_per_hour"], 0), _fmt(r["MBps"], 1), _fmt(r.get("x_codec")),
                      _fmt(r.get("x_staging")), "; ".join(note)])
     table("Service, CT set (x codec / x staging: wall over the reference / min(processes, cores); 1.15 = +15 %)",
-          ["broker/catalog", "worker processes", "inst", "studies", "wall s", "submit s", "inst/s", "studies/h",
+          ["broker/catalog", "worker processes", "inst", "studies", "wall s", "submit s", "1st task s", "inst/s",
+           "studies/h",
            "MB/s", "x codec", "x staging", "notes"], rows)
     if res.get("mixed"):
         rows = []
@@ -830,9 +837,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "service.json")
     parser.add_argument("--copies", type=int, default=10,
                         help="copies of ct-chest-tcia (36 files, 12 studies) with fresh UIDs (default 10: 360 instances)")
-    parser.add_argument("--embedded-copies", type=int, default=None,
-                        help="use only the first N copies for the embedded broker (it polls once a second); "
-                             "default: all")
+    parser.add_argument("--embedded-copies", type=int, default=3,
+                        help="use only the first N copies for the embedded broker's CT runs: it polls once a "
+                             "second and takes about one task per process per poll (default 3; 0 = all)")
     parser.add_argument("--brokers", default="redis,embedded")
     parser.add_argument("--workers", default="1,2",
                         help="worker process counts: N = one node with --concurrency N; AxB = A nodes with "

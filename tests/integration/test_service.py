@@ -216,7 +216,7 @@ def test_file_still_being_written_is_not_taken_early(service: Service, tmp_path:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     service.start_worker(concurrency=1)
-    service.start("watcher", "watch", str(inbox))
+    service.start("watcher", "watch", str(inbox), "--poll")  # as on a network share: no inotify events
     target = inbox / "slow.dcm"
     with target.open("wb") as handle:  # a slow network copy: a quarter every 0.3 s (settle is 0.5 s)
         for start in range(0, len(data), len(data) // 4 + 1):
