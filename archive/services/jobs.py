@@ -69,6 +69,7 @@ from archive.services.ingest import (
 )
 from archive.services.runtime import Archive
 from archive.services.totals import refresh_study_totals
+from archive.store.blobstore import fsync_dir
 
 Dispatcher = Callable[[int], str]  # sends one message for a JobTask id, returns the message id
 UNREADABLE = ""  # group key of files whose Study Instance UID cannot be read
@@ -339,7 +340,7 @@ def _finish_spooling(archive: Archive, job_id: int, dispatcher: Dispatcher) -> i
             _move_durably(source, target)
         if target.exists():
             items.append(ItemSpec(path=str(target), series_uid=series))
-    _fsync_dir(spool)
+    fsync_dir(spool)
     with archive.unit_of_work() as uow:
         job = uow.session.get_one(Job, job_id)
         if job.status is JobStatus.SPOOLING:
@@ -365,14 +366,6 @@ def _move_durably(source: Path, target: Path) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         source.unlink()  # only once the copy is durable
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- running a task

@@ -81,7 +81,7 @@ class FileBlobStore:
             Path(tmp_name).unlink(missing_ok=True)
             raise
         if self.fsync:
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         return digest
 
     def get(self, digest: str) -> bytes:
@@ -137,7 +137,8 @@ class FileBlobStore:
         return info.st_size
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
