@@ -216,8 +216,13 @@ class StagedInstance:
         return self.prepared.parsed.source_path
 
 
-def stage_file(archive: Archive, path: Path, codec: Codec, *, job_id: int | None = None) -> StagedInstance | FileOutcome:
-    """Read, classify, encode and verify one file; bad input becomes a skip or quarantine outcome."""
+def stage_file(
+    archive: Archive, path: Path, codec: Codec, *, job_id: int | None = None, session: Session | None = None
+) -> StagedInstance | FileOutcome:
+    """Read, classify, encode and verify one file; bad input becomes a skip or quarantine outcome.
+
+    ``session`` (read only) serves the duplicate look-up; without one a short unit of work does.
+    """
     try:
         parsed = read_instance(path)
         prepared = _prepare(parsed, codec, archive.settings.header_zstd_level)
@@ -232,8 +237,11 @@ def stage_file(archive: Archive, path: Path, codec: Codec, *, job_id: int | None
     except Exception as exc:  # a reader or decoder bug on odd input must not stop the batch
         reason = f"unexpected {type(exc).__name__} while reading: {exc}"
         return quarantine_file(archive, path, reason, type(exc).__name__, job_id=job_id)
-    with archive.unit_of_work() as uow:
-        duplicate = _find_duplicate(uow.session, prepared)
+    if session is not None:
+        duplicate = _find_duplicate(session, prepared)
+    else:
+        with archive.unit_of_work() as uow:
+            duplicate = _find_duplicate(uow.session, prepared)
     if duplicate is not None:
         return duplicate
     try:
@@ -243,27 +251,93 @@ def stage_file(archive: Archive, path: Path, codec: Codec, *, job_id: int | None
 
 
 def commit_staged(uow: UnitOfWork, staged: StagedInstance, job_id: int | None) -> tuple[FileOutcome, int | None]:
-    """Add a staged instance's catalog rows to ``uow`` (the caller commits)."""
+    """Add one staged instance's catalog rows to ``uow`` (the caller commits)."""
+    return commit_staged_batch(uow, [staged], job_id)[0]
+
+
+def commit_staged_batch(
+    uow: UnitOfWork, staged: Sequence[StagedInstance], job_id: int | None
+) -> list[tuple[FileOutcome, int | None]]:
+    """Add the catalog rows of staged instances to ``uow`` with a handful of statements (the caller commits).
+
+    A chunk is usually one series: one lookup of the SOP Instance UIDs already
+    archived, one multi-row insert of blob rows, the study and series looked up
+    once, one flush. Duplicates and conflicts are decided against the catalog
+    and against earlier instances of the same batch.
+    """
+    session = uow.session
+    uids = sorted({s.prepared.parsed.sop_instance_uid for s in staged})
+    known: dict[str, list[tuple[int | None, str, str | None, int, Instance | None]]] = {}
+    for start in range(0, len(uids), 500):
+        for row in session.execute(
+            select(Instance.id, Instance.sop_instance_uid, Instance.header_sha256, Instance.pixel_sha256,
+                   Instance.conflict_seq).where(Instance.sop_instance_uid.in_(uids[start:start + 500]))
+            .order_by(Instance.conflict_seq)
+        ):
+            known.setdefault(row.sop_instance_uid, []).append(
+                (row.id, row.header_sha256, row.pixel_sha256, row.conflict_seq, None))
+    blob_rows: dict[str, int] = {}
+    for item in staged:
+        blob_rows.update(item.blob_sizes)
+    _ensure_blob_rows(session, blob_rows)
+    studies: dict[str, Study] = {}
+    series_by_uid: dict[str, Series] = {}
+    results: list[tuple[FileOutcome, int | None]] = []
+    new_instances: list[Instance] = []
+    for item in staged:
+        prepared = item.prepared
+        parsed = prepared.parsed
+        earlier = known.setdefault(parsed.sop_instance_uid, [])
+        same = next((e for e in earlier if e[1] == prepared.header_sha256 and e[2] == prepared.pixel_sha256), None)
+        if same is not None:
+            other = same[0] if same[0] is not None else "in this batch"
+            results.append((FileOutcome(parsed.source_path, Outcome.DUPLICATE,
+                                        f"same SOP instance as already archived (instance {other})",
+                                        study_uid=parsed.study_uid), None))
+            continue
+        study = studies.get(parsed.study_uid) or _get_or_create_study(session, parsed)
+        studies[parsed.study_uid] = study
+        series = series_by_uid.get(parsed.series_uid) or _get_or_create_series(session, parsed, study)
+        series_by_uid[parsed.series_uid] = series
+        first = earlier[0] if earlier else None
+        instance = _instance_row(item, series, job_id, conflict_seq=(earlier[-1][3] + 1) if earlier else 0)
+        if first is not None:
+            instance.status = InstanceStatus.CONFLICT
+            if first[0] is None and first[4] is not None:
+                session.flush()  # the first arrival is earlier in this batch: it needs its id
+            instance.conflict_of_id = first[0] if first[0] is not None else (first[4].id if first[4] else None)
+        session.add(instance)
+        session.add(Encoding(
+            instance=instance, generation=1, is_current=True,
+            frames=[EncodedFrame(frame_index=i, blob_sha256=digest, nbytes=size)
+                    for i, (digest, size) in enumerate(item.frames)],
+            **item.encoding,
+        ))
+        new_instances.append(instance)
+        earlier.append((None, prepared.header_sha256, prepared.pixel_sha256, instance.conflict_seq, instance))
+        stored = len(prepared.header_blob) + (item.encoding["bytes_after"] if parsed.mode is not StorageMode.WHOLE else 0)
+        if first is not None:
+            first_label = first[0] if first[0] is not None else "in this batch"
+            outcome = FileOutcome(parsed.source_path, Outcome.CONFLICT,
+                                  f"SOP Instance UID already archived with different content (instance {first_label}); "
+                                  "kept as a recorded conflict", parsed.study_uid, len(parsed.source_bytes), stored)
+        else:
+            outcome = FileOutcome(parsed.source_path, Outcome.STORED, parsed.mode_reason, parsed.study_uid,
+                                  len(parsed.source_bytes), stored)
+        results.append((outcome, study.id))
+    session.flush()
+    return results
+
+
+def _instance_row(staged: StagedInstance, series: Series, job_id: int | None, *, conflict_seq: int) -> Instance:
     prepared = staged.prepared
     parsed = prepared.parsed
-    session = uow.session
-    duplicate = _find_duplicate(session, prepared)
-    if duplicate is not None:
-        return duplicate, None
-    existing = session.scalars(
-        select(Instance).where(Instance.sop_instance_uid == parsed.sop_instance_uid).order_by(Instance.conflict_seq)
-    ).all()
-    for digest, size in staged.blob_sizes.items():
-        ensure_blob_row(session, digest, size)
-    study = _get_or_create_study(session, parsed)
-    series = _get_or_create_series(session, parsed, study)
     layout = parsed.layout
-    instance = Instance(
+    return Instance(
         series=series,
         sop_instance_uid=parsed.sop_instance_uid,
-        conflict_seq=(existing[-1].conflict_seq + 1) if existing else 0,
-        conflict_of_id=existing[0].id if existing else None,
-        status=InstanceStatus.CONFLICT if existing else InstanceStatus.STORED,
+        conflict_seq=conflict_seq,
+        status=InstanceStatus.STORED,
         sop_class_uid=parsed.sop_class_uid,
         instance_number=parsed.integer("InstanceNumber"),
         transfer_syntax_uid=parsed.transfer_syntax_uid,
@@ -290,25 +364,6 @@ def commit_staged(uow: UnitOfWork, staged: StagedInstance, job_id: int | None) -
         source_sha256=parsed.source_sha256,
         job_id=job_id,
     )
-    session.add(instance)
-    encoding = Encoding(
-        instance=instance,
-        generation=1,
-        is_current=True,
-        frames=[EncodedFrame(frame_index=i, blob_sha256=digest, nbytes=size) for i, (digest, size) in enumerate(staged.frames)],
-        **staged.encoding,
-    )
-    session.add(encoding)
-    session.flush()
-    stored = len(prepared.header_blob) + (encoding.bytes_after if parsed.mode is not StorageMode.WHOLE else 0)
-    if existing:
-        outcome = FileOutcome(parsed.source_path, Outcome.CONFLICT,
-                              f"SOP Instance UID already archived with different content (instance {existing[0].id}); "
-                              "kept as a recorded conflict", parsed.study_uid, len(parsed.source_bytes), stored)
-    else:
-        outcome = FileOutcome(parsed.source_path, Outcome.STORED, parsed.mode_reason, parsed.study_uid,
-                              len(parsed.source_bytes), stored)
-    return outcome, study.id
 
 
 def _prepare(parsed: ParsedInstance, codec: Codec, zstd_level: int) -> _Prepared:
@@ -478,7 +533,10 @@ def encode_frames(
     return columns, encoded
 
 
-def _insert(session: Session, model: type[Any], values: dict[str, Any], key: str, refresh: tuple[str, ...] = ()) -> None:
+def _insert(
+    session: Session, model: type[Any], values: dict[str, Any] | list[dict[str, Any]], key: str,
+    refresh: tuple[str, ...] = (),
+) -> None:
     """INSERT ... ON CONFLICT: concurrent workers may create the same study, series or blob.
 
     Columns in ``refresh`` are overwritten on conflict (a blob's ``created_at``
@@ -486,9 +544,9 @@ def _insert(session: Session, model: type[Any], values: dict[str, Any], key: str
     """
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        statement: Any = pg_insert(model).values(**values)
+        statement: Any = pg_insert(model).values(values)
     elif dialect == "sqlite":
-        statement = sqlite_insert(model).values(**values)
+        statement = sqlite_insert(model).values(values)
     else:  # pragma: no cover - other databases are not supported yet
         raise ArchiveError(f"unsupported catalog database {dialect}")
     if refresh:
@@ -502,7 +560,15 @@ def _insert(session: Session, model: type[Any], values: dict[str, Any], key: str
 
 def ensure_blob_row(session: Session, digest: str, size: int) -> None:
     """Record a blob (or refresh its age) in the transaction that references it."""
-    _insert(session, Blob, {"sha256": digest, "size": size, "created_at": _now()}, "sha256", refresh=("created_at",))
+    _ensure_blob_rows(session, {digest: size})
+
+
+def _ensure_blob_rows(session: Session, sizes: dict[str, int]) -> None:
+    """One multi-row upsert; sorted, so concurrent writers lock rows in the same order."""
+    now = _now()
+    rows = [{"sha256": digest, "size": size, "created_at": now} for digest, size in sorted(sizes.items())]
+    for start in range(0, len(rows), 500):
+        _insert(session, Blob, rows[start:start + 500], "sha256", refresh=("created_at",))
 
 
 def _get_or_create_study(session: Session, parsed: ParsedInstance) -> Study:

@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session
 
 from archive.catalog.models import (
     FINAL_ITEM_STATUSES,
+    EncodedFrame,
     Encoding,
     Instance,
     ItemStatus,
@@ -63,6 +64,7 @@ from archive.services.ingest import (
     Outcome,
     StagedInstance,
     commit_staged,
+    commit_staged_batch,
     discover,
     quarantine_file,
     stage_file,
@@ -454,30 +456,46 @@ def _run_batch(archive: Archive, task_id: int, owner: str, report: TaskReport) -
     settings = archive.settings
     with archive.unit_of_work() as uow:
         job = uow.session.get_one(JobTask, task_id).job
-        items = [i for i in uow.session.get_one(JobTask, task_id).items if i.status is ItemStatus.QUEUED]
-        claimed = [i.id for i in items if _claim(uow.session, i, owner, _lease_seconds(archive, len(items)))]
+        queued = len([i for i in uow.session.get_one(JobTask, task_id).items if i.status is ItemStatus.QUEUED])
+        uow.session.execute(  # claim the whole chunk in one statement
+            update(JobItem).where(JobItem.task_id == task_id, JobItem.status == ItemStatus.QUEUED).values(
+                status=ItemStatus.RUNNING, owner=owner, attempts=JobItem.attempts + 1, updated_at=_now(),
+                lease_until=_now() + timedelta(seconds=_lease_seconds(archive, queued)),
+            ).execution_options(synchronize_session=False)
+        )
         uow.commit()
+        paths = {item_id: Path(path or "") for item_id, path in uow.session.execute(
+            select(JobItem.id, JobItem.path).where(JobItem.task_id == task_id, JobItem.owner == owner,
+                                                   JobItem.status == ItemStatus.RUNNING).order_by(JobItem.id))}
         codec = get_codec(job.params.get("codec") or settings.codec)
         keep_skipped = job.spool_dir is None
         job_id = job.id
     staged: dict[int, StagedInstance | FileOutcome] = {}
-    with archive.unit_of_work() as uow:
-        paths = {i.id: Path(i.path or "") for i in uow.session.scalars(select(JobItem).where(JobItem.id.in_(claimed)))}
-    for item_id in claimed:
-        path = paths[item_id]
-        fault_point(str(path))
-        try:
-            with instance_deadline(settings.instance_time_limit):
-                staged[item_id] = stage_file(archive, path, codec, job_id=job_id)
-        except InstanceTimeLimitExceeded as exc:
-            staged[item_id] = quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id)
+    with archive.unit_of_work() as reads:  # one session for the chunk's duplicate look-ups
+        for item_id, path in paths.items():
+            fault_point(str(path))
+            try:
+                with instance_deadline(settings.instance_time_limit):
+                    staged[item_id] = stage_file(archive, path, codec, job_id=job_id, session=reads.session)
+            except InstanceTimeLimitExceeded as exc:
+                staged[item_id] = quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id)
+    results: dict[int, StagedInstance | FileOutcome] = {
+        item_id: _keep_or_quarantine(archive, result, job_id, keep_skipped) for item_id, result in staged.items()
+    }
     try:
         with archive.unit_of_work() as uow:
-            touched: set[int] = set()
-            for item_id, result in staged.items():
-                status, outcome, error = _settle_ingest(archive, uow, result, job_id, keep_skipped, touched)
-                _finish_item(uow.session, item_id, status, outcome, error)
-                report.outcomes[outcome] += 1
+            to_commit = [(item_id, r) for item_id, r in results.items() if isinstance(r, StagedInstance)]
+            committed = commit_staged_batch(uow, [r for _, r in to_commit], job_id)
+            outcomes: dict[int, FileOutcome] = {i: r for i, r in results.items() if isinstance(r, FileOutcome)}
+            outcomes.update({item_id: outcome for (item_id, _), (outcome, _study) in zip(to_commit, committed)})
+            now = _now()
+            rows = []
+            for item_id, outcome in outcomes.items():
+                status, label, error = _item_result(outcome)
+                rows.append({"id": item_id, "status": status, "outcome": label, "error": error, "owner": None,
+                             "lease_until": None, "updated_at": now})
+                report.outcomes[label] += 1
+            uow.session.execute(update(JobItem), rows)  # one executemany by primary key
             uow.commit()
     except Exception as exc:
         if is_transient(exc):
@@ -571,36 +589,41 @@ def _process_one(archive: Archive, item_id: int) -> tuple[ItemStatus, str, str |
             staged = stage_file(archive, path, get_codec(codec_config), job_id=job_id)
     except InstanceTimeLimitExceeded as exc:
         staged = quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id)
+    staged = _keep_or_quarantine(archive, staged, job_id, keep_skipped)
     try:
         with archive.unit_of_work() as uow:
-            status, outcome, error = _settle_ingest(archive, uow, staged, job_id, keep_skipped, set())
-            _finish_item(uow.session, item_id, status, outcome, error)
+            recorded = commit_staged(uow, staged, job_id)[0] if isinstance(staged, StagedInstance) else staged
+            status, label, error = _item_result(recorded)
+            _finish_item(uow.session, item_id, status, label, error)
             uow.commit()
     except Exception as exc:
         if is_transient(exc):
             raise
         reason = f"unexpected {type(exc).__name__} while recording: {exc}"
         result = quarantine_file(archive, path, reason, type(exc).__name__, job_id=job_id)
-        status, outcome, error = ItemStatus.QUARANTINED, result.outcome.value, reason
+        status, label, error = ItemStatus.QUARANTINED, result.outcome.value, reason
         with archive.unit_of_work() as uow:
-            _finish_item(uow.session, item_id, status, outcome, error)
+            _finish_item(uow.session, item_id, status, label, error)
             uow.commit()
-    return status, outcome, error
+    return status, label, error
 
 
-def _settle_ingest(
-    archive: Archive, uow: Any, result: StagedInstance | FileOutcome, job_id: int, keep_skipped: bool, touched: set[int]
-) -> tuple[ItemStatus, str, str | None]:
-    if isinstance(result, StagedInstance):
-        result, study_id = commit_staged(uow, result, job_id)
-        if study_id is not None:
-            touched.add(study_id)
-    if result.outcome is Outcome.SKIPPED and not keep_skipped:
-        # the spool folder is deleted when the job ends: nothing leaves it without a trace
-        result = quarantine_file(archive, result.path, f"not archived: {result.reason}", "NotArchived", job_id=job_id)
-    if result.outcome is Outcome.QUARANTINED:
-        return ItemStatus.QUARANTINED, result.outcome.value, result.reason
-    return ItemStatus.DONE, result.outcome.value, result.reason or None
+def _keep_or_quarantine(
+    archive: Archive, result: StagedInstance | FileOutcome, job_id: int, keep_skipped: bool
+) -> StagedInstance | FileOutcome:
+    """A skipped file of a spool job is quarantined: the spool folder is deleted when the job ends.
+
+    Done before the catalog transaction: quarantining writes in a transaction of its own.
+    """
+    if isinstance(result, FileOutcome) and result.outcome is Outcome.SKIPPED and not keep_skipped:
+        return quarantine_file(archive, result.path, f"not archived: {result.reason}", "NotArchived", job_id=job_id)
+    return result
+
+
+def _item_result(outcome: FileOutcome) -> tuple[ItemStatus, str, str | None]:
+    if outcome.outcome is Outcome.QUARANTINED:
+        return ItemStatus.QUARANTINED, outcome.outcome.value, outcome.reason
+    return ItemStatus.DONE, outcome.outcome.value, outcome.reason or None
 
 
 def _poison(archive: Archive, uow: Any, job: Job, item: JobItem, reason: str) -> tuple[ItemStatus, str, str | None]:
@@ -711,11 +734,10 @@ def _studies_of(session: Session, job: Job) -> set[int]:
 
 def _missing_blobs(archive: Archive, session: Session, job_id: int) -> list[str]:
     digests = set(session.scalars(select(Instance.header_blob).where(Instance.job_id == job_id)))
-    for encoding in session.scalars(
-        select(Encoding).join(Instance, Encoding.instance_id == Instance.id).where(Instance.job_id == job_id,
-                                                                                   Encoding.is_current)
-    ):
-        digests.update(f.blob_sha256 for f in encoding.frames)
+    digests.update(session.scalars(
+        select(EncodedFrame.blob_sha256).join(Encoding, EncodedFrame.encoding_id == Encoding.id)
+        .join(Instance, Encoding.instance_id == Instance.id).where(Instance.job_id == job_id, Encoding.is_current)
+    ))
     return sorted(d for d in digests if not archive.store.exists(d))
 
 
