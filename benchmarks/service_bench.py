@@ -156,6 +156,9 @@ def machine_info(redis_url: str, pg_admin_url: str) -> dict[str, Any]:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip()
         info["git"] = commit + (" (uncommitted changes in the tree)" if dirty else "")
+        info["git_modified"] = [line[3:] for line in subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True,
+            check=True).stdout.splitlines()]
     return info
 
 
@@ -242,14 +245,18 @@ def make_mixed_copy(data: Path, target: Path) -> FileSet:
 
     studies: set[str] = set()
     series: set[str] = set()
+    no_uids = 0
     for path in files:
         uids = peek_uids(path)
         if uids:
             studies.add(uids[0])
             series.add(uids[1])
+        else:
+            no_uids += 1
     return FileSet("mixed", [target], files, len(studies), len(series), sum(p.stat().st_size for p in files),
                    f"{data} minus broken/: {', '.join(g.name for g in groups)}; {len(files)} files, "
-                   f"{len(studies)} studies, {len(series)} series")
+                   f"{len(studies)} studies and {len(series)} series by header UIDs"
+                   + (f" + {no_uids} file(s) without UIDs (ACR-NEMA: the archive assigns them)" if no_uids else ""))
 
 
 # --------------------------------------------------------------------------- in-process references
@@ -497,7 +504,7 @@ def wait_ready(workers: Sequence[Worker], app: Any | None, timeout: float = 90.0
                 raise RuntimeError(f"worker {w.name} exited with {w.process.returncode}:\n{w.text()[-3000:]}")
         texts = [w.text() for w in workers]
         ready = all(re.search(r"@\S+ ready\.", t) for t in texts)
-        if ready and not pinged:
+        if ready and not pinged and app is not None:
             replies = app.control.ping(destination=[w.name for w in workers], timeout=1.0)
             pinged = len(replies) >= len(workers)
         reconciled = sum(len(re.findall(r"medarchive\.reconcile\[[^\]]+\] succeeded", t)) for t in texts)
@@ -702,6 +709,7 @@ def profile_worker(fileset: FileSet, work: Path, args: argparse.Namespace, clean
         if prof.exists():
             out["profile"] = _profile_tops(prof, 30)
             if args.keep_profiles:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(prof, args.out.parent / "service-worker.prof")
         return out
     finally:
@@ -814,11 +822,10 @@ def print_report(res: dict[str, Any]) -> None:
         table("Service, mixed set (../shared/data minus broken/)",
               ["broker/catalog", "worker processes", "inst", "studies", "wall s", "inst/s", "studies/h", "MB/s",
                "item outcomes"], rows)
-    for key in ("run_task_postgresql", "worker_profile"):
-        prof = (res["reference"].get(key) or {}).get("profile") if key != "worker_profile" else \
-            (res.get("worker_profile") or {}).get("profile")
+    for key in ("run_task_postgresql", "worker"):
+        prof = (res.get("profiles", {}).get(key) or {}).get("profile")
         if prof:
-            print(f"Top functions by own time, {key} (cProfile):")
+            print(f"Top functions by own time, {key}, {res['profiles']['set']} (cProfile; not the timed runs):")
             for line in prof["tottime"][:15]:
                 print("  " + line)
             print()
@@ -853,7 +860,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-timeout", type=float, default=600.0, help="seconds per service run")
     parser.add_argument("--skip-reference", action="store_true", help="skip the in-process run_task figures")
     parser.add_argument("--profile", action="store_true",
-                        help="also cProfile run_task in-process and a solo-pool worker on Redis (not timed)")
+                        help="after the timed runs, cProfile run_task in-process and a solo-pool worker on "
+                             "Redis + PostgreSQL (--profile-copies copies; profiles go to the JSON, not the tables)")
+    parser.add_argument("--profile-copies", type=int, default=2, help="CT copies profiled (default 2; 0 = all)")
     parser.add_argument("--keep-profiles", action="store_true", help="keep the .prof files next to --out")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (debugging)")
     parser.add_argument("--tmp", type=Path, default=None, help="parent of the temporary folder")
@@ -882,7 +891,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "args": {k: str(v) for k, v in vars(args).items()}, "data": {}, "reference": {},
                            "service": [], "mixed": [], "notes": []}
     try:
-        log = lambda msg: print(f"[{time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+        def log(msg: str) -> None:
+            print(f"[{time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
         ct = make_ct_copies(args.data, work / "ct", args.copies)
         res["data"]["ct"] = {"description": ct.description, "instances": ct.instances, "studies": ct.studies,
                              "series": ct.series, "bytes_in": ct.bytes_in, "copies": args.copies}
@@ -905,13 +916,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for catalog in ("postgresql", "sqlite"):
                 home = work / f"home-runtask-{catalog}"
                 url = pg.create() if catalog == "postgresql" else None
-                profile_to = work / f"run_task-{catalog}.prof" if args.profile and catalog == "postgresql" else None
                 try:
-                    ref[f"run_task_{catalog}"] = measure_run_task(ct, _settings(home, url), profile_to)
-                    if profile_to and args.keep_profiles:
-                        args.out.parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copy(profile_to, args.out.parent / f"service-run_task-{catalog}.prof")
+                    ref[f"run_task_{catalog}"] = measure_run_task(ct, _settings(home, url))
                 except Exception as exc:
+                    traceback.print_exc()
                     ref[f"run_task_{catalog}"] = {"error": f"{type(exc).__name__}: {exc}"}
                 finally:
                     if url:
@@ -927,7 +935,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, (broker, spec, which) in enumerate(runs):
             fileset = ct if which == "ct" else mixed
             assert fileset is not None
-            if which == "ct" and broker == "embedded" and args.embedded_copies:
+            if which == "ct" and broker == "embedded" and args.embedded_copies > 0:
                 fileset = ct.subset(args.embedded_copies)
             tag = f"{i:02d}-{broker}-{spec.short}-{which}"
             log(f"service {broker} {spec.label} on {fileset.name} ({fileset.instances} files) ...")
@@ -946,13 +954,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r = {"broker": broker, "workers": spec.label, "set": fileset.name,
                      "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
             res["service" if which == "ct" else "mixed"].append(r)
-        if args.profile and "redis" in brokers:
-            log("profiling a solo-pool worker on Redis ...")
+        if args.profile:
+            # after the timed runs and on fewer copies: profiling slows everything it watches
+            small = ct.subset(args.profile_copies) if args.profile_copies else ct
+            res["profiles"] = {"set": f"{small.instances} CT instances"}
+            url = pg.create()
+            prof = work / "run_task-postgresql.prof"
+            log(f"profiling run_task in-process on PostgreSQL ({small.instances} instances) ...")
             try:
-                res["worker_profile"] = profile_worker(ct, work, args, cleanup, pg)
+                res["profiles"]["run_task_postgresql"] = measure_run_task(
+                    small, _settings(work / "home-profile", url), prof)
+                if args.keep_profiles:
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(prof, args.out.parent / "service-run_task-postgresql.prof")
             except Exception as exc:
                 traceback.print_exc()
-                res["worker_profile"] = {"error": f"{type(exc).__name__}: {exc}"}
+                res["profiles"]["run_task_postgresql"] = {"error": f"{type(exc).__name__}: {exc}"}
+            finally:
+                pg.drop_url(url)
+            if "redis" in brokers:
+                log("profiling a solo-pool worker on Redis ...")
+                try:
+                    res["profiles"]["worker"] = profile_worker(small, work, args, cleanup, pg)
+                except Exception as exc:
+                    traceback.print_exc()
+                    res["profiles"]["worker"] = {"error": f"{type(exc).__name__}: {exc}"}
         res["notes"] = [
             f"'2 workers' here means {', '.join(s.label for s in specs if s.processes > 1) or '-'} on this "
             f"{cores}-core machine (AxB in --workers starts A nodes).",

@@ -44,8 +44,13 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.load()
-    app = Celery("medarchive", broker=settings.effective_broker_url, backend=settings.effective_result_backend,
-                 include=["workers.tasks"])
+    broker = settings.effective_broker_url
+    if broker.startswith("sqla+sqlite"):
+        from workers.transport import SCHEME, register
+
+        register()
+        broker = SCHEME + broker.removeprefix("sqla")
+    app = Celery("medarchive", broker=broker, backend=settings.effective_result_backend, include=["workers.tasks"])
     app.conf.update(
         # JSON only: a message is a task id, never a pickled object
         task_serializer="json",
@@ -61,9 +66,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         task_default_queue=settings.queue,
-        task_track_started=True,
-        worker_send_task_events=True,  # Flower
-        task_send_sent_event=True,
+        # no task events by default (a Redis write per task); Flower switches them on while it runs
+        worker_send_task_events=False,
         result_expires=timedelta(days=1),
         timezone="UTC",
         beat_schedule=beat_schedule(settings),

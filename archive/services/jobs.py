@@ -55,7 +55,7 @@ from archive.catalog.models import (
     Series,
     Study,
 )
-from archive.codecs import get_codec
+from archive.codecs import Codec, get_codec
 from archive.dicom.reader import peek_uids
 from archive.errors import ArchiveError, InstanceTimeLimitExceeded, NotFoundError, TransientError
 from archive.services.ingest import (
@@ -185,49 +185,69 @@ def create_job(
     policy: str | None = None,
     job: Job | None = None,
 ) -> Job:
-    """A job with its items, in tasks of at most ``chunk_size`` instances of one series (the caller commits)."""
+    """A job with its items, in tasks of at most ``chunk_size`` instances (the caller commits)."""
     if job is None:
         job = Job(kind=kind, status=JobStatus.QUEUED, study_uid=study_uid, params=params or {},
                   spool_dir=spool_dir, fingerprint=fingerprint, policy=policy)
         session.add(job)
     job.status = JobStatus.QUEUED
     session.flush()
-    by_series: dict[str | None, list[ItemSpec]] = {}
-    for spec in items:
-        by_series.setdefault(spec.series_uid, []).append(spec)
-    for series_uid, specs in by_series.items():
-        for start in range(0, len(specs), max(chunk_size, 1)):
-            task = JobTask(job_id=job.id, series_uid=series_uid)
-            session.add(task)
-            session.flush()
-            session.add_all(
-                JobItem(job_id=job.id, task_id=task.id, path=spec.path, source_instance_id=spec.instance_id)
-                for spec in specs[start:start + max(chunk_size, 1)]
-            )
+    for series_uid, chunk in _chunks(items, max(chunk_size, 1)):
+        task = JobTask(job_id=job.id, series_uid=series_uid)
+        session.add(task)
+        session.flush()
+        session.add_all(JobItem(job_id=job.id, task_id=task.id, path=spec.path, source_instance_id=spec.instance_id)
+                        for spec in chunk)
     job.counts = {"items": len(items)}
     session.flush()
     return job
 
 
+def _chunks(items: Sequence[ItemSpec], size: int) -> list[tuple[str | None, list[ItemSpec]]]:
+    """Tasks of at most ``size`` instances: a big series is split, small series of the study share a task.
+
+    A CT series has hundreds of slices (one series per task, or several); a
+    localizer or a secondary capture has one, and a message, a claim and a
+    commit per single instance would cost more than encoding it.
+    """
+    by_series: dict[str | None, list[ItemSpec]] = {}
+    for spec in items:
+        by_series.setdefault(spec.series_uid, []).append(spec)
+    chunks: list[tuple[str | None, list[ItemSpec]]] = []
+    small: list[ItemSpec] = []
+    for series_uid, specs in by_series.items():
+        if len(specs) < size:
+            if len(small) + len(specs) > size:
+                chunks.append((None, small))
+                small = []
+            small.extend(specs)
+            continue
+        for start in range(0, len(specs), size):
+            chunks.append((series_uid, specs[start:start + size]))
+    if small:
+        series = {s.series_uid for s in small}
+        chunks.append((series.pop() if len(series) == 1 else None, small))
+    return chunks
+
+
 def dispatch(archive: Archive, task_ids: Sequence[int], dispatcher: Dispatcher) -> int:
     """Send one message per task and record when; a failure to send leaves the task to the reconciler."""
-    sent = 0
-    for task_id in task_ids:
-        try:
-            message_id = dispatcher(task_id)
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            return sent  # the broker is away: the reconciler sends what is left once it is back
+    sent: list[tuple[int, str]] = []
+    try:
+        for task_id in task_ids:
+            sent.append((task_id, dispatcher(task_id)))
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        # the broker is away: the reconciler sends what is left once it is back
+    if sent:
+        now = _now()
         with archive.unit_of_work() as uow:
-            uow.session.execute(
-                update(JobTask).where(JobTask.id == task_id).values(
-                    celery_id=message_id, dispatched_at=_now(), dispatches=JobTask.dispatches + 1
-                )
-            )
+            for task_id, message_id in sent:
+                uow.session.execute(update(JobTask).where(JobTask.id == task_id).values(
+                    celery_id=message_id, dispatched_at=now, dispatches=JobTask.dispatches + 1))
             uow.commit()
-        sent += 1
-    return sent
+    return len(sent)
 
 
 def job_task_ids(session: Session, job_id: int) -> list[int]:
@@ -388,9 +408,6 @@ class TaskReport:
                 "busy": self.skipped_busy, "deferred": self.deferred, "finalized": self.finalized}
 
 
-ItemProcessor = Callable[[Archive, Job, JobItem, Session], tuple[ItemStatus, str, str | None]]
-
-
 def run_task(archive: Archive, task_id: int, *, owner: str | None = None) -> TaskReport:
     """Do one task's instances (what a worker runs for one message). Idempotent.
 
@@ -400,8 +417,10 @@ def run_task(archive: Archive, task_id: int, *, owner: str | None = None) -> Tas
     settings = archive.settings
     report = TaskReport(task_id=task_id)
     now = _now()
+    plan: _BatchPlan | None = None
     with archive.unit_of_work() as uow:
-        task = uow.session.get(JobTask, task_id)
+        session = uow.session
+        task = session.get(JobTask, task_id)
         if task is None:
             raise NotFoundError(f"no job task {task_id}")
         job = task.job
@@ -416,17 +435,22 @@ def run_task(archive: Archive, task_id: int, *, owner: str | None = None) -> Tas
         deliveries = task.deliveries
         if job.status in (JobStatus.QUEUED, JobStatus.SPOOLING):
             job.status, job.started_at = JobStatus.RUNNING, job.started_at or now
-        uow.commit()
         is_recompress = job.kind == "recompress"
+        if not (is_recompress or deliveries > 1 or left_running):
+            plan = _claim_chunk(archive, session, task_id, job, owner, len(open_items))
+        uow.commit()
     try:
         if deliveries > settings.max_deliveries:
             _give_up(archive, task_id, owner, f"task delivered {deliveries} times (max_deliveries "
                      f"{settings.max_deliveries}); the instance kept failing its worker", report)
-        elif is_recompress or deliveries > 1 or left_running:
+        elif plan is None:
             report.mode = "careful" if not is_recompress else "per-instance"
             _run_careful(archive, task_id, owner, report)
         else:
-            _run_batch(archive, task_id, owner, report)
+            job_still_open = _run_batch(archive, task_id, owner, report, plan)
+            if not job_still_open:
+                report.finalized = finalize_job(archive, report.job_id)
+            return report
     except Exception as exc:
         if is_transient(exc):
             _release_claims(archive, task_id, owner)
@@ -434,6 +458,29 @@ def run_task(archive: Archive, task_id: int, *, owner: str | None = None) -> Tas
         raise
     report.finalized = finalize_job(archive, report.job_id)
     return report
+
+
+@dataclass
+class _BatchPlan:
+    job_id: int
+    paths: dict[int, Path]  # claimed item id -> file
+    codec: Codec
+    keep_skipped: bool
+
+
+def _claim_chunk(archive: Archive, session: Session, task_id: int, job: Job, owner: str, count: int) -> _BatchPlan:
+    """Claim every queued item of the task in one statement (inside the caller's transaction)."""
+    session.execute(
+        update(JobItem).where(JobItem.task_id == task_id, JobItem.status == ItemStatus.QUEUED).values(
+            status=ItemStatus.RUNNING, owner=owner, attempts=JobItem.attempts + 1, updated_at=_now(),
+            lease_until=_now() + timedelta(seconds=_lease_seconds(archive, count)),
+        ).execution_options(synchronize_session=False)
+    )
+    paths = {item_id: Path(path or "") for item_id, path in session.execute(
+        select(JobItem.id, JobItem.path).where(JobItem.task_id == task_id, JobItem.owner == owner,
+                                               JobItem.status == ItemStatus.RUNNING).order_by(JobItem.id))}
+    return _BatchPlan(job_id=job.id, paths=paths, codec=get_codec(job.params.get("codec") or archive.settings.codec),
+                      keep_skipped=job.spool_dir is None)
 
 
 def _claim(session: Session, item: JobItem, owner: str, lease_seconds: float) -> bool:
@@ -452,24 +499,10 @@ def _lease_seconds(archive: Archive, count: int = 1) -> float:
     return archive.settings.instance_time_limit * count + 60.0
 
 
-def _run_batch(archive: Archive, task_id: int, owner: str, report: TaskReport) -> None:
+def _run_batch(archive: Archive, task_id: int, owner: str, report: TaskReport, plan: _BatchPlan) -> bool:
+    """Stage every claimed instance, then commit the chunk's rows at once; True while the job has open items."""
     settings = archive.settings
-    with archive.unit_of_work() as uow:
-        job = uow.session.get_one(JobTask, task_id).job
-        queued = len([i for i in uow.session.get_one(JobTask, task_id).items if i.status is ItemStatus.QUEUED])
-        uow.session.execute(  # claim the whole chunk in one statement
-            update(JobItem).where(JobItem.task_id == task_id, JobItem.status == ItemStatus.QUEUED).values(
-                status=ItemStatus.RUNNING, owner=owner, attempts=JobItem.attempts + 1, updated_at=_now(),
-                lease_until=_now() + timedelta(seconds=_lease_seconds(archive, queued)),
-            ).execution_options(synchronize_session=False)
-        )
-        uow.commit()
-        paths = {item_id: Path(path or "") for item_id, path in uow.session.execute(
-            select(JobItem.id, JobItem.path).where(JobItem.task_id == task_id, JobItem.owner == owner,
-                                                   JobItem.status == ItemStatus.RUNNING).order_by(JobItem.id))}
-        codec = get_codec(job.params.get("codec") or settings.codec)
-        keep_skipped = job.spool_dir is None
-        job_id = job.id
+    job_id, codec, keep_skipped, paths = plan.job_id, plan.codec, plan.keep_skipped, plan.paths
     staged: dict[int, StagedInstance | FileOutcome] = {}
     with archive.unit_of_work() as reads:  # one session for the chunk's duplicate look-ups
         for item_id, path in paths.items():
@@ -496,7 +529,10 @@ def _run_batch(archive: Archive, task_id: int, owner: str, report: TaskReport) -
                              "lease_until": None, "updated_at": now})
                 report.outcomes[label] += 1
             uow.session.execute(update(JobItem), rows)  # one executemany by primary key
+            still_open = bool(uow.session.scalar(select(JobItem.id).where(
+                JobItem.job_id == job_id, JobItem.status.not_in(FINAL_ITEM_STATUSES)).limit(1)))
             uow.commit()
+        return still_open
     except Exception as exc:
         if is_transient(exc):
             raise
@@ -505,6 +541,7 @@ def _run_batch(archive: Archive, task_id: int, owner: str, report: TaskReport) -
         _release_claims(archive, task_id, owner)
         report.mode = "careful"
         _run_careful(archive, task_id, owner, report)
+        return True
 
 
 def _run_careful(archive: Archive, task_id: int, owner: str, report: TaskReport) -> None:
@@ -791,7 +828,8 @@ def reconcile(archive: Archive, dispatcher: Dispatcher, *, queue_depth: int | No
             running = [i for i in items if i.status is ItemStatus.RUNNING]
             sent = _aware(task.dispatched_at)
             if sent is None:
-                report.redispatched.append(task_id)
+                if (_aware(task.created_at) or now) < now - timedelta(seconds=30):  # not one being sent now
+                    report.redispatched.append(task_id)
             elif any(_reclaimable(i, now, owner) and i.owner != owner for i in running):
                 report.redispatched.append(task_id)
             elif not running and sent < now - timedelta(seconds=settings.requeue_after):

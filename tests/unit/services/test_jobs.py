@@ -61,6 +61,15 @@ def _set_items(archive: Archive, task_id: int, **values: object) -> None:
         uow.commit()
 
 
+def test_small_series_share_a_task_big_ones_are_split() -> None:
+    specs = ([jobs.ItemSpec(path=f"a{i}", series_uid="A") for i in range(10)]
+             + [jobs.ItemSpec(path=f"{s}0", series_uid=s) for s in "BCD"]
+             + [jobs.ItemSpec(path=f"e{i}", series_uid="E") for i in range(3)])
+    chunks = jobs._chunks(specs, 4)
+    assert [(series, len(c)) for series, c in chunks] == [("A", 4), ("A", 4), ("A", 2), (None, 3), ("E", 3)]
+    assert [s.path for s in chunks[3][1]] == ["B0", "C0", "D0"]  # one-instance series share a task
+
+
 def test_jobs_are_chunked_per_series(archive: Archive, study_files: Path) -> None:
     archive = Archive.open(dataclasses.replace(archive.settings, chunk_size=4))
     recorder = Recorder()
@@ -101,7 +110,7 @@ def test_redelivery_after_a_dead_worker_goes_instance_by_instance(archive: Archi
     _set_items(archive, first, status=ItemStatus.RUNNING, owner=dead, attempts=1,
                lease_until=datetime.now(timezone.utc) + timedelta(hours=1))
     report = jobs.run_task(archive, first)
-    assert report.mode == "careful" and report.outcomes["stored"] == 10
+    assert report.mode == "careful" and report.outcomes["stored"] == 20  # both 10-instance series share a task
     items = [i for i in _items(archive, job_id) if i.task_id == first]
     assert all(i.status is ItemStatus.DONE and i.attempts == 2 for i in items)
 
@@ -119,8 +128,8 @@ def test_an_instance_that_keeps_killing_its_worker_is_quarantined_alone(archive:
     report = jobs.run_task(archive, first)
     items = {i.id: i for i in _items(archive, job_id) if i.task_id == first}
     assert items[poison.id].status is ItemStatus.QUARANTINED and "worker died" in (items[poison.id].error or "")
-    assert sum(i.status is ItemStatus.DONE for i in items.values()) == 9
-    assert report.outcomes == {"stored": 9, "quarantined": 1}
+    assert sum(i.status is ItemStatus.DONE for i in items.values()) == 19
+    assert report.outcomes == {"stored": 19, "quarantined": 1}
     with archive.unit_of_work() as uow:
         entry = uow.session.scalars(select(QuarantineEntry)).one()
         assert Path(entry.stored_path).read_bytes() == Path(poison.path or "").read_bytes()
@@ -135,7 +144,7 @@ def test_items_held_by_a_live_worker_are_left_alone(archive: Archive, study_file
     _set_items(archive, first, status=ItemStatus.RUNNING, owner=alive, attempts=1,
                lease_until=datetime.now(timezone.utc) + timedelta(hours=1))
     report = jobs.run_task(archive, first)
-    assert report.skipped_busy == 10 and not report.outcomes
+    assert report.skipped_busy == 20 and not report.outcomes
     assert not jobs.reconcile(archive, recorder, queue_depth=0).redispatched  # a live claim is not lost work
     # once its lease expires it is anybody's
     _set_items(archive, first, lease_until=datetime.now(timezone.utc) - timedelta(seconds=1))
@@ -150,7 +159,14 @@ def test_owner_is_dead() -> None:
     assert jobs.owner_is_dead(None)
 
 
+def _age_tasks(archive: Archive, seconds: float) -> None:
+    with archive.unit_of_work() as uow:
+        uow.session.execute(update(JobTask).values(created_at=datetime.now(timezone.utc) - timedelta(seconds=seconds)))
+        uow.commit()
+
+
 def test_reconciler_resends_lost_and_unsent_tasks(archive: Archive, study_files: Path) -> None:
+    archive = Archive.open(dataclasses.replace(archive.settings, chunk_size=10))  # one task per series
     job_id, _ = jobs.submit_paths(archive, [study_files], Recorder())
     with archive.unit_of_work() as uow:
         task_ids = jobs.job_task_ids(uow.session, job_id)
@@ -159,7 +175,9 @@ def test_reconciler_resends_lost_and_unsent_tasks(archive: Archive, study_files:
         uow.session.execute(update(JobTask).where(JobTask.id == task_ids[1]).values(dispatched_at=long_ago))
         uow.commit()
     recorder = Recorder()
-    # the broker still holds one message: only the oldest lost one beyond that is re-sent
+    assert jobs.reconcile(archive, recorder, queue_depth=5).redispatched == []  # may be being sent right now
+    _age_tasks(archive, 60)
+    # the broker still holds messages: only a task never sent is sent
     report = jobs.reconcile(archive, recorder, queue_depth=5)
     assert report.redispatched == [task_ids[0]]
     report = jobs.reconcile(archive, recorder, queue_depth=0)
@@ -175,6 +193,7 @@ def test_a_broker_that_is_down_leaves_tasks_to_the_reconciler(archive: Archive, 
         raise kombu.exceptions.OperationalError("Error 111 connecting to 127.0.0.1:6399. Connection refused.")
 
     job_id, _ = jobs.submit_paths(archive, [study_files], down)
+    _age_tasks(archive, 60)
     recorder = Recorder()
     report = jobs.reconcile(archive, recorder)
     with archive.unit_of_work() as uow:
@@ -239,8 +258,12 @@ def test_spool_is_kept_when_a_blob_went_missing(archive: Archive, study_files: P
     with archive.unit_of_work() as uow:
         uow.session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.RUNNING))
         uow.commit()
+    owner = jobs.process_owner()
     for task_id in recorder.sent:  # archive the chunk without finalizing the job yet
-        jobs._run_batch(archive, task_id, jobs.process_owner(), jobs.TaskReport(task_id))
+        with archive.unit_of_work() as uow:
+            plan = jobs._claim_chunk(archive, uow.session, task_id, uow.session.get_one(Job, job_id), owner, 2)
+            uow.commit()
+        assert jobs._run_batch(archive, task_id, owner, jobs.TaskReport(task_id), plan) is False
     with archive.unit_of_work() as uow:
         header = uow.session.scalars(select(Instance.header_blob).where(Instance.job_id == job_id)).first()
     assert header is not None
