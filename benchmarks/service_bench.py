@@ -68,7 +68,7 @@ from archive.services.ingest import Outcome, StagedInstance, ingest_paths, stage
 from archive.services.runtime import Archive  # noqa: E402
 
 CT_GROUP = "ct-chest-tcia"
-EMBEDDED_POLL_S = 1.0  # kombu's virtual-transport polling_interval: the embedded broker looks for work once a second
+EMBEDDED_POLL_S = 0.1  # workers.transport.EmbeddedTransport.polling_interval (kombu's default is 1 s)
 POLL_S = 0.2
 FINAL_JOB = (JobStatus.DONE, JobStatus.FAILED)
 
@@ -193,8 +193,12 @@ def _files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def make_ct_copies(data: Path, target: Path, copies: int) -> FileSet:
-    """Write ct-chest-tcia ``copies`` times with fresh Study/Series/SOP Instance UIDs (pixels untouched)."""
+def make_ct_copies(data: Path, target: Path, copies: int, stacked: bool = False) -> FileSet:
+    """Write ct-chest-tcia ``copies`` times with fresh Study/Series/SOP Instance UIDs (pixels untouched).
+
+    ``stacked``: the copies of a slice join one series (fresh SOP Instance UIDs only), so a series holds
+    ``copies`` instances as an acquired CT series does, instead of one.
+    """
     source = data / CT_GROUP
     originals = _files_under(source)
     if not originals:
@@ -203,9 +207,10 @@ def make_ct_copies(data: Path, target: Path, copies: int) -> FileSet:
     written: list[Path] = []
     study_uids: set[str] = set()
     series_uids: set[str] = set()
+    shared_uid: dict[str, str] = {}
     for k in range(copies):
         root = target / f"copy-{k:02d}"
-        new_uid: dict[str, str] = {}
+        new_uid: dict[str, str] = shared_uid if stacked else {}
 
         def fresh(old: str, _map: dict[str, str] = new_uid) -> str:
             return _map.setdefault(old, generate_uid())
@@ -214,7 +219,7 @@ def make_ct_copies(data: Path, target: Path, copies: int) -> FileSet:
             ds = pydicom.dcmread(path)
             ds.StudyInstanceUID = fresh(str(ds.StudyInstanceUID))
             ds.SeriesInstanceUID = fresh(str(ds.SeriesInstanceUID))
-            ds.SOPInstanceUID = fresh(f"sop:{ds.SOPInstanceUID}:{path}")
+            ds.SOPInstanceUID = fresh(f"sop:{ds.SOPInstanceUID}:{path}:{k}")
             if getattr(ds, "file_meta", None) is not None and "MediaStorageSOPInstanceUID" in ds.file_meta:
                 ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             out = root / path.relative_to(source)
@@ -228,7 +233,7 @@ def make_ct_copies(data: Path, target: Path, copies: int) -> FileSet:
     return FileSet(
         "ct", copy_roots, written, len(study_uids), len(series_uids), size,
         f"{CT_GROUP} x{copies} with fresh UIDs: {len(written)} instances 512x512 16-bit, "
-        f"{len(study_uids)} studies, {len(series_uids)} series (1 instance each)",
+        f"{len(study_uids)} studies, {len(series_uids)} series ({copies if stacked else 1} instance(s) each)",
         copy_roots,
     )
 
@@ -844,9 +849,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "service.json")
     parser.add_argument("--copies", type=int, default=10,
                         help="copies of ct-chest-tcia (36 files, 12 studies) with fresh UIDs (default 10: 360 instances)")
-    parser.add_argument("--embedded-copies", type=int, default=3,
-                        help="use only the first N copies for the embedded broker's CT runs: it polls once a "
-                             "second and takes about one task per process per poll (default 3; 0 = all)")
+    parser.add_argument("--stacked", action="store_true",
+                        help="copies of a slice join one series: series of --copies instances, as acquired CT "
+                             "series are (default: every copy is a new one-instance series)")
+    parser.add_argument("--embedded-copies", type=int, default=0,
+                        help="use only the first N copies for the embedded broker's CT runs (default 0 = all)")
     parser.add_argument("--brokers", default="redis,embedded")
     parser.add_argument("--workers", default="1,2",
                         help="worker process counts: N = one node with --concurrency N; AxB = A nodes with "
@@ -894,7 +901,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         def log(msg: str) -> None:
             print(f"[{time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
-        ct = make_ct_copies(args.data, work / "ct", args.copies)
+        ct = make_ct_copies(args.data, work / "ct", args.copies, stacked=args.stacked)
         res["data"]["ct"] = {"description": ct.description, "instances": ct.instances, "studies": ct.studies,
                              "series": ct.series, "bytes_in": ct.bytes_in, "copies": args.copies}
         log(f"CT set written: {ct.description}")
@@ -983,11 +990,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"'2 workers' here means {', '.join(s.label for s in specs if s.processes > 1) or '-'} on this "
             f"{cores}-core machine (AxB in --workers starts A nodes).",
             f"The embedded broker (kombu SQLAlchemy transport on SQLite) polls for messages every "
-            f"{EMBEDDED_POLL_S:g} s and a worker takes at most prefetch (= concurrency) messages per poll: with one "
-            "instance per task (every CT series here holds one instance) its throughput is bounded by about "
-            "concurrency tasks/s, whatever the codec costs.",
-            "ct-chest-tcia series hold one instance each, so 'batch catalog commits per series' is one commit "
-            "(and one task, one message, one finalize_job) per instance on this set.",
+            f"{EMBEDDED_POLL_S:g} s and a worker takes at most prefetch (= concurrency) messages per poll.",
+            "ct-chest-tcia series hold one instance each (unless --stacked): small series of a study share a task, "
+            "so a task here is one study of three instances.",
             "x codec / x staging: service wall time over the reference seconds for the same instance count divided by "
             "min(processes, cores); raw_x_* in the JSON do not divide.",
         ]

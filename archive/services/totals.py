@@ -2,33 +2,34 @@
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from archive.catalog.models import Blob, Encoding, Instance, InstanceStatus, Series, StorageMode, Study
 
 
 def refresh_study_totals(session: Session, study_id: int) -> None:
+    """Recompute a study's and its series' counts and sizes (two aggregate queries)."""
     study = session.get_one(Study, study_id)
-    stored = (Instance.status == InstanceStatus.STORED)
-    in_study = Instance.series_id.in_(select(Series.id).where(Series.study_id == study_id))
-    study.num_series = session.scalar(select(func.count(Series.id)).where(Series.study_id == study_id)) or 0
-    study.num_instances = session.scalar(select(func.count(Instance.id)).where(in_study, stored)) or 0
-    study.bytes_original = session.scalar(select(func.coalesce(func.sum(Instance.source_size), 0)).where(in_study)) or 0
-    headers = session.scalar(
-        select(func.coalesce(func.sum(Blob.size), 0)).join(Instance, Instance.header_blob == Blob.sha256).where(in_study)
-    ) or 0
-    pixels = session.scalar(
-        select(func.coalesce(func.sum(Encoding.bytes_after), 0))
-        .join(Instance, Encoding.instance_id == Instance.id)
-        .where(in_study, Encoding.is_current, Instance.storage_mode != StorageMode.WHOLE)
-    ) or 0
-    study.bytes_stored = int(headers) + int(pixels)
-    modalities = session.scalars(
-        select(Series.modality).distinct().where(Series.study_id == study_id, Series.modality.is_not(None))
+    stored = case((Instance.status == InstanceStatus.STORED, 1), else_=0)
+    per_series = session.execute(
+        select(Series.id, Series.modality, func.coalesce(func.sum(stored), 0),
+               func.coalesce(func.sum(Instance.source_size), 0))
+        .outerjoin(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id == study_id).group_by(Series.id, Series.modality)
     ).all()
-    study.modalities_in_study = "\\".join(sorted(m for m in modalities if m)) or None
+    in_study = Instance.series_id.in_(select(Series.id).where(Series.study_id == study_id))
+    headers = (select(func.coalesce(func.sum(Blob.size), 0)).join(Instance, Instance.header_blob == Blob.sha256)
+               .where(in_study).scalar_subquery())
+    pixels = (select(func.coalesce(func.sum(Encoding.bytes_after), 0))
+              .join(Instance, Encoding.instance_id == Instance.id)
+              .where(in_study, Encoding.is_current, Instance.storage_mode != StorageMode.WHOLE).scalar_subquery())
+    header_bytes, pixel_bytes = session.execute(select(headers, pixels)).one()
+    counts = {series_id: int(n) for series_id, _modality, n, _size in per_series}
+    study.num_series = len(per_series)
+    study.num_instances = sum(counts.values())
+    study.bytes_original = sum(int(size) for *_, size in per_series)
+    study.bytes_stored = int(header_bytes) + int(pixel_bytes)
+    study.modalities_in_study = "\\".join(sorted({m for _, m, _, _ in per_series if m})) or None
     for series in study.series:
-        series.num_instances = session.scalar(
-            select(func.count(Instance.id)).where(Instance.series_id == series.id, stored)
-        ) or 0
+        series.num_instances = counts.get(series.id, 0)
