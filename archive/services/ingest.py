@@ -282,6 +282,12 @@ def commit_staged_batch(
     _ensure_blob_rows(session, blob_rows)
     studies: dict[str, Study] = {}
     series_by_uid: dict[str, Series] = {}
+    for item in staged:  # before any instance is added: no autoflush per series, one batched flush at the end
+        parsed = item.prepared.parsed
+        if parsed.study_uid not in studies:
+            studies[parsed.study_uid] = _get_or_create_study(session, parsed)
+        if parsed.series_uid not in series_by_uid:
+            series_by_uid[parsed.series_uid] = _get_or_create_series(session, parsed, studies[parsed.study_uid])
     results: list[tuple[FileOutcome, int | None]] = []
     new_instances: list[Instance] = []
     for item in staged:
@@ -295,10 +301,8 @@ def commit_staged_batch(
                                         f"same SOP instance as already archived (instance {other})",
                                         study_uid=parsed.study_uid), None))
             continue
-        study = studies.get(parsed.study_uid) or _get_or_create_study(session, parsed)
-        studies[parsed.study_uid] = study
-        series = series_by_uid.get(parsed.series_uid) or _get_or_create_series(session, parsed, study)
-        series_by_uid[parsed.series_uid] = series
+        study = studies[parsed.study_uid]
+        series = series_by_uid[parsed.series_uid]
         first = earlier[0] if earlier else None
         instance = _instance_row(item, series, job_id, conflict_seq=(earlier[-1][3] + 1) if earlier else 0)
         if first is not None:
