@@ -112,7 +112,7 @@ def ingest(
         with _open() as archive:
             first, skipped = jobs.submit_paths(archive, paths, dispatch_task)
             with archive.unit_of_work() as uow:
-                job_ids = [s.id for s in jobs.list_jobs(uow.session, limit=10_000) if s.id >= first] if first else []
+                job_ids = [s.id for s in query.list_jobs(uow.session, limit=10_000) if s.id >= first] if first else []
             summaries = _wait_for_jobs(archive, job_ids, timeout)
         if as_json:
             console.print_json(json.dumps({"jobs": [s.as_dict() for s in summaries],
@@ -140,7 +140,7 @@ def ingest(
         raise typer.Exit(1)
 
 
-def _wait_for_jobs(archive: Archive, job_ids: list[int], timeout: float | None) -> list[jobs.JobSummary]:
+def _wait_for_jobs(archive: Archive, job_ids: list[int], timeout: float | None) -> list[query.JobSummary]:
     """Poll the catalog (the source of truth) until the jobs are done; a progress bar meanwhile."""
     started = time.monotonic()
     with Progress(TextColumn("[bold]archiving"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -148,7 +148,7 @@ def _wait_for_jobs(archive: Archive, job_ids: list[int], timeout: float | None) 
         bar = progress.add_task("", total=None)
         while True:
             with archive.unit_of_work() as uow:
-                summaries = [s for j in job_ids for s in jobs.list_jobs(uow.session, job_id=j)]
+                summaries = [s for j in job_ids for s in query.list_jobs(uow.session, job_id=j)]
             total = sum(s.total for s in summaries)
             final = sum(s.final for s in summaries)
             progress.update(bar, total=total, completed=final,
@@ -161,7 +161,7 @@ def _wait_for_jobs(archive: Archive, job_ids: list[int], timeout: float | None) 
             time.sleep(0.5)
 
 
-def _print_jobs(summaries: list[jobs.JobSummary], title: str = "Jobs") -> None:
+def _print_jobs(summaries: list[query.JobSummary], title: str = "Jobs") -> None:
     table = Table(title=f"{title} ({len(summaries)})")
     for column in ("id", "kind", "status", "study / policy", "instances", "outcomes", "created", "error"):
         table.add_column(column, overflow="fold")
@@ -368,8 +368,8 @@ def jobs_command(
 ) -> None:
     """Jobs from the catalog: state, instance counts, outcomes, errors."""
     with _open() as archive, archive.unit_of_work() as uow:
-        summaries = jobs.list_jobs(uow.session, status=status, job_id=job_id, limit=limit)
-        errors = jobs.job_errors(uow.session, job_id) if job_id is not None else []
+        summaries = query.list_jobs(uow.session, status=status, job_id=job_id, limit=limit)
+        errors = query.job_errors(uow.session, job_id) if job_id is not None else []
     if as_json:
         console.print_json(json.dumps({"jobs": [s.as_dict() for s in summaries],
                                        "errors": [{"item": i, "status": st, "error": e} for i, st, e in errors]}))
@@ -420,7 +420,7 @@ def recompress(
                 return f"inline-{task_id}"
         report = sweeps.start_sweep(archive, policy, dispatcher, limit=limit, respect_window=False)
         with archive.unit_of_work() as uow:
-            summaries = jobs.list_jobs(uow.session, job_id=report.job_id) if report.job_id else []
+            summaries = query.list_jobs(uow.session, job_id=report.job_id) if report.job_id else []
     console.print(f"policy {policy}: {report.action}, {report.instances} instance(s)")
     if summaries:
         _print_jobs(summaries, "Re-compression")

@@ -5,7 +5,7 @@ A file is *ready* once its size and mtime have not changed for
 and temporary files (``.name``, ``name~``, ``.part``, ``.tmp``) are ignored. A
 study is *stable* once no new instance has become ready for ``stable_age``
 seconds — Orthanc's StableAge — and is then moved into its own spool folder
-and queued once (:func:`archive.services.jobs.spool_study`). Events come from
+and queued once (:func:`archive.services.spool.spool_study`). Events come from
 watchdog (inotify), or from polling for network shares where events do not
 reach us; a periodic rescan catches whatever events were missed.
 """
@@ -27,7 +27,8 @@ from watchdog.observers.polling import PollingObserver
 
 from archive.dicom.reader import peek_uids
 from archive.services.ingest import HIDDEN_OR_TEMPORARY, TEMPORARY_SUFFIXES
-from archive.services.jobs import UNREADABLE, Dispatcher, resume_spooling, spool_study
+from archive.services.jobs import UNREADABLE, Dispatcher
+from archive.services.spool import resume_spooling, spool_study
 from archive.services.runtime import Archive
 
 log = logging.getLogger(__name__)

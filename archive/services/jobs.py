@@ -22,8 +22,6 @@ message for a task id.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
 import shutil
 import signal
@@ -71,7 +69,6 @@ from archive.services.ingest import (
 )
 from archive.services.runtime import Archive
 from archive.services.totals import refresh_study_totals
-from archive.store.blobstore import fsync_dir
 
 Dispatcher = Callable[[int], str]  # sends one message for a JobTask id, returns the message id
 UNREADABLE = ""  # group key of files whose Study Instance UID cannot be read
@@ -118,7 +115,7 @@ def _reclaimable(item: JobItem, now: datetime, owner: str) -> bool:
         return False
     if item.owner == owner:
         return True
-    lease = _aware(item.lease_until)
+    lease = aware_utc(item.lease_until)
     return lease is None or lease < now or owner_is_dead(item.owner)
 
 
@@ -288,106 +285,6 @@ def group_by_study(files: Sequence[Path]) -> dict[str, list[tuple[Path, str | No
         study, series = uids if uids else (UNREADABLE, None)
         groups.setdefault(study, []).append((path, series))
     return groups
-
-
-# --------------------------------------------------------------------------- the spool
-
-
-def spool_fingerprint(study_uid: str, files: Sequence[tuple[str, int, int]]) -> str:
-    """Study + (relative path, size, mtime) of every file: the same arrival is queued once."""
-    digest = hashlib.sha256(study_uid.encode())
-    for rel, size, mtime_ns in sorted(files):
-        digest.update(f"\0{rel}\0{size}\0{mtime_ns}".encode())
-    return digest.hexdigest()
-
-
-def spool_study(
-    archive: Archive,
-    inbox: Path,
-    study_uid: str,
-    files: Sequence[tuple[Path, str | None]],
-    dispatcher: Dispatcher,
-) -> int:
-    """Move a stable study's files from the inbox into ``spool/<job>/``, record the job, queue it once.
-
-    Order matters for crash safety: the job is recorded (status spooling, with
-    its file list) before any file moves, so a watcher killed half way is
-    finished by :func:`resume_spooling` on its next start; tasks are created
-    only once every file is in the spool.
-    """
-    rels = []
-    for path, series in files:
-        stat = path.stat()
-        rels.append((str(path.relative_to(inbox)), stat.st_size, stat.st_mtime_ns, series))
-    fingerprint = spool_fingerprint(study_uid, [(r, s, m) for r, s, m, _ in rels])
-    with archive.unit_of_work() as uow:
-        existing = uow.session.scalar(select(Job).where(Job.fingerprint == fingerprint))
-        if existing is not None and existing.status is not JobStatus.SPOOLING:
-            # the very same files (same names, sizes and times) again after that job finished: a new arrival
-            fingerprint = hashlib.sha256(f"{fingerprint}:{_now().isoformat()}".encode()).hexdigest()
-            existing = None
-        if existing is None:
-            job = Job(kind="ingest", status=JobStatus.SPOOLING, study_uid=study_uid or None, fingerprint=fingerprint,
-                      params={"inbox": str(inbox), "files": [[r, series] for r, _, _, series in rels],
-                              "codec": get_codec(archive.settings.codec).get_config()})
-            uow.session.add(job)
-            uow.session.flush()
-            job.spool_dir = str(archive.settings.spool_dir / f"job-{job.id}")
-            uow.commit()
-            job_id = job.id
-        else:
-            job_id = existing.id
-    return _finish_spooling(archive, job_id, dispatcher)
-
-
-def resume_spooling(archive: Archive, dispatcher: Dispatcher) -> list[int]:
-    """Finish jobs a watcher left half-spooled (it was killed while moving files)."""
-    with archive.unit_of_work() as uow:
-        job_ids = list(uow.session.scalars(select(Job.id).where(Job.status == JobStatus.SPOOLING)))
-    return [_finish_spooling(archive, job_id, dispatcher) for job_id in job_ids]
-
-
-def _finish_spooling(archive: Archive, job_id: int, dispatcher: Dispatcher) -> int:
-    with archive.unit_of_work() as uow:
-        job = uow.session.get_one(Job, job_id)
-        assert job.spool_dir is not None
-        inbox = Path(job.params["inbox"])
-        spool = Path(job.spool_dir)
-        files = [(str(rel), series) for rel, series in job.params["files"]]
-    spool.mkdir(parents=True, exist_ok=True)
-    items: list[ItemSpec] = []
-    for rel, series in files:
-        source, target = inbox / rel, spool / rel
-        if source.exists() and not target.exists():
-            _move_durably(source, target)
-        if target.exists():
-            items.append(ItemSpec(path=str(target), series_uid=series))
-    fsync_dir(spool)
-    with archive.unit_of_work() as uow:
-        job = uow.session.get_one(Job, job_id)
-        if job.status is JobStatus.SPOOLING:
-            create_job(uow.session, kind="ingest", items=items, chunk_size=archive.settings.chunk_size, job=job)
-            if not items:
-                job.status, job.finished_at, job.error = JobStatus.DONE, _now(), "every file left the inbox before spooling"
-        uow.commit()
-        task_ids = job_task_ids(uow.session, job_id)
-    dispatch(archive, task_ids, dispatcher)
-    return job_id
-
-
-def _move_durably(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(source, target)  # atomic on one filesystem
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        tmp = target.with_name(target.name + ".spooling")
-        shutil.copy2(source, tmp)
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-        source.unlink()  # only once the copy is durable
 
 
 # --------------------------------------------------------------------------- running a task
@@ -826,9 +723,9 @@ def reconcile(archive: Archive, dispatcher: Dispatcher, *, queue_depth: int | No
                 if policy is not None and not policy.in_window(datetime.now().time()):
                     continue
             running = [i for i in items if i.status is ItemStatus.RUNNING]
-            sent = _aware(task.dispatched_at)
+            sent = aware_utc(task.dispatched_at)
             if sent is None:
-                if (_aware(task.created_at) or now) < now - timedelta(seconds=30):  # not one being sent now
+                if (aware_utc(task.created_at) or now) < now - timedelta(seconds=30):  # not one being sent now
                     report.redispatched.append(task_id)
             elif any(_reclaimable(i, now, owner) and i.owner != owner for i in running):
                 report.redispatched.append(task_id)
@@ -855,73 +752,7 @@ def reconcile(archive: Archive, dispatcher: Dispatcher, *, queue_depth: int | No
     return report
 
 
-# --------------------------------------------------------------------------- visibility
-
-
-@dataclass(frozen=True)
-class JobSummary:
-    id: int
-    kind: str
-    status: str
-    study_uid: str | None
-    policy: str | None
-    items: dict[str, int]  # item status -> count
-    outcomes: dict[str, int]
-    error: str | None
-    created_at: datetime
-    finished_at: datetime | None
-
-    @property
-    def total(self) -> int:
-        return sum(self.items.values())
-
-    @property
-    def final(self) -> int:
-        return sum(n for s, n in self.items.items() if ItemStatus(s) in FINAL_ITEM_STATUSES)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "status": self.status, "study_uid": self.study_uid,
-                "policy": self.policy, "items": self.items, "outcomes": self.outcomes, "error": self.error,
-                "created_at": self.created_at.isoformat(),
-                "finished_at": self.finished_at.isoformat() if self.finished_at else None}
-
-
-def list_jobs(session: Session, *, status: str | None = None, job_id: int | None = None, limit: int = 50) -> list[JobSummary]:
-    query = select(Job).order_by(Job.id.desc()).limit(limit)
-    if status:
-        query = query.where(Job.status == JobStatus(status))
-    if job_id is not None:
-        query = query.where(Job.id == job_id)
-    jobs = list(session.scalars(query))
-    items: dict[int, Counter[str]] = {j.id: Counter() for j in jobs}
-    outcomes: dict[int, Counter[str]] = {j.id: Counter() for j in jobs}
-    if jobs:
-        for jid, item_status, outcome, n in session.execute(
-            select(JobItem.job_id, JobItem.status, JobItem.outcome, func.count())
-            .where(JobItem.job_id.in_(list(items))).group_by(JobItem.job_id, JobItem.status, JobItem.outcome)
-        ):
-            items[jid][item_status.value] += n
-            if outcome:
-                outcomes[jid][outcome] += n
-    return [
-        JobSummary(id=j.id, kind=j.kind, status=j.status.value, study_uid=j.study_uid, policy=j.policy,
-                   items=dict(items[j.id]), outcomes=dict(outcomes[j.id]), error=j.error,
-                   created_at=_aware(j.created_at) or _now(), finished_at=_aware(j.finished_at))
-        for j in jobs
-    ]
-
-
-def job_errors(session: Session, job_id: int, limit: int = 50) -> list[tuple[str, str, str]]:
-    """(path or instance, status, error) of a job's items that did not simply succeed."""
-    rows = session.execute(
-        select(JobItem.path, JobItem.source_instance_id, JobItem.status, JobItem.error)
-        .where(JobItem.job_id == job_id, JobItem.error.is_not(None), JobItem.status != ItemStatus.DONE)
-        .order_by(JobItem.id).limit(limit)
-    )
-    return [(path or f"instance {iid}", status.value, error or "") for path, iid, status, error in rows]
-
-
-def _aware(value: datetime | None) -> datetime | None:
+def aware_utc(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; everything here is UTC."""
     if value is None or value.tzinfo is not None:
         return value

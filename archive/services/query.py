@@ -1,14 +1,29 @@
-"""Use cases that only read the catalog: list studies, show one, list quarantine."""
+"""Use cases that only read the catalog: list studies, show one, list quarantine, list jobs."""
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import selectinload
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
 
-from archive.catalog.models import Encoding, Instance, QuarantineEntry, Series, Study
+from archive.catalog.models import (
+    FINAL_ITEM_STATUSES,
+    Encoding,
+    Instance,
+    ItemStatus,
+    Job,
+    JobItem,
+    JobStatus,
+    QuarantineEntry,
+    Series,
+    Study,
+)
 from archive.errors import NotFoundError
+from archive.services.jobs import aware_utc
 from archive.services.runtime import Archive
 
 
@@ -123,3 +138,69 @@ def _instance_dict(instance: Instance) -> dict[str, Any]:
             for e in instance.encodings
         ],
     }
+
+
+# --- jobs of the batch service
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    id: int
+    kind: str
+    status: str
+    study_uid: str | None
+    policy: str | None
+    items: dict[str, int]  # item status -> count
+    outcomes: dict[str, int]
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def total(self) -> int:
+        return sum(self.items.values())
+
+    @property
+    def final(self) -> int:
+        return sum(n for s, n in self.items.items() if ItemStatus(s) in FINAL_ITEM_STATUSES)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "status": self.status, "study_uid": self.study_uid,
+                "policy": self.policy, "items": self.items, "outcomes": self.outcomes, "error": self.error,
+                "created_at": self.created_at.isoformat(),
+                "finished_at": self.finished_at.isoformat() if self.finished_at else None}
+
+
+def list_jobs(session: Session, *, status: str | None = None, job_id: int | None = None, limit: int = 50) -> list[JobSummary]:
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if status:
+        query = query.where(Job.status == JobStatus(status))
+    if job_id is not None:
+        query = query.where(Job.id == job_id)
+    jobs = list(session.scalars(query))
+    items: dict[int, Counter[str]] = {j.id: Counter() for j in jobs}
+    outcomes: dict[int, Counter[str]] = {j.id: Counter() for j in jobs}
+    if jobs:
+        for jid, item_status, outcome, n in session.execute(
+            select(JobItem.job_id, JobItem.status, JobItem.outcome, func.count())
+            .where(JobItem.job_id.in_(list(items))).group_by(JobItem.job_id, JobItem.status, JobItem.outcome)
+        ):
+            items[jid][item_status.value] += n
+            if outcome:
+                outcomes[jid][outcome] += n
+    return [
+        JobSummary(id=j.id, kind=j.kind, status=j.status.value, study_uid=j.study_uid, policy=j.policy,
+                   items=dict(items[j.id]), outcomes=dict(outcomes[j.id]), error=j.error,
+                   created_at=aware_utc(j.created_at) or datetime.now(timezone.utc), finished_at=aware_utc(j.finished_at))
+        for j in jobs
+    ]
+
+
+def job_errors(session: Session, job_id: int, limit: int = 50) -> list[tuple[str, str, str]]:
+    """(path or instance, status, error) of a job's items that did not simply succeed."""
+    rows = session.execute(
+        select(JobItem.path, JobItem.source_instance_id, JobItem.status, JobItem.error)
+        .where(JobItem.job_id == job_id, JobItem.error.is_not(None), JobItem.status != ItemStatus.DONE)
+        .order_by(JobItem.id).limit(limit)
+    )
+    return [(path or f"instance {iid}", status.value, error or "") for path, iid, status, error in rows]

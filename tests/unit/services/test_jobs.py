@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from archive.catalog.models import Instance, ItemStatus, Job, JobItem, JobStatus, JobTask, QuarantineEntry, Study
 from archive.errors import InstanceTimeLimitExceeded
 from archive.services import jobs
+from archive.services import spool as spooling
 from archive.services.runtime import Archive
 from tests.conftest import shared_data
 
@@ -207,7 +208,7 @@ def test_spool_moves_files_and_queues_each_task_once(archive: Archive, study_fil
              for p in sorted(inbox.rglob("*")) if p.is_file()]
     study_uid = str(pydicom.dcmread(files[0][0], stop_before_pixels=True).StudyInstanceUID)
     recorder = Recorder()
-    job_id = jobs.spool_study(archive, inbox, study_uid, files, recorder)
+    job_id = spooling.spool_study(archive, inbox, study_uid, files, recorder)
     assert not any(p.is_file() for p in inbox.rglob("*"))
     with archive.unit_of_work() as uow:
         job = uow.session.get_one(Job, job_id)
@@ -241,8 +242,8 @@ def test_a_watcher_killed_while_spooling_is_finished_on_restart(archive: Archive
         target.parent.mkdir(parents=True, exist_ok=True)
         path.rename(target)
     recorder = Recorder()
-    assert jobs.resume_spooling(archive, recorder) == [job_id]
-    assert jobs.resume_spooling(archive, recorder) == []  # once
+    assert spooling.resume_spooling(archive, recorder) == [job_id]
+    assert spooling.resume_spooling(archive, recorder) == []  # once
     assert len([p for p in spool.rglob("*") if p.is_file()]) == 20
     with archive.unit_of_work() as uow:
         assert len(uow.session.scalars(select(JobItem).where(JobItem.job_id == job_id)).all()) == 20
@@ -254,7 +255,7 @@ def test_spool_is_kept_when_a_blob_went_missing(archive: Archive, study_files: P
     shutil.copytree(study_files, inbox)
     files = [(p, None) for p in sorted(inbox.rglob("*")) if p.is_file()][:2]
     recorder = Recorder()
-    job_id = jobs.spool_study(archive, inbox, "study", files, recorder)
+    job_id = spooling.spool_study(archive, inbox, "study", files, recorder)
     with archive.unit_of_work() as uow:
         uow.session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.RUNNING))
         uow.commit()
