@@ -90,7 +90,7 @@ class Settings:
     visibility_timeout: float = 900.0  # seconds before Redis redelivers an unacknowledged task
     task_time_limit: float = 600.0  # hard limit for one task (a chunk of instances)
     instance_time_limit: float = 120.0  # limit for one instance inside a task
-    chunk_size: int = 32  # instances per task; a task never spans series
+    chunk_size: int = 32  # most instances per task; a big series is split, small series of a study share one
     max_attempts: int = 2  # tries of one instance that killed its worker before it is quarantined
     max_deliveries: int = 10  # deliveries of one task before its leftovers are quarantined
     requeue_after: float = 900.0  # a queued task not started after this long is re-dispatched

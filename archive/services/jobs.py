@@ -2,7 +2,8 @@
 
 The catalog is the source of truth, the broker only a delivery mechanism. A
 job's instances are :class:`JobItem` rows grouped into :class:`JobTask`
-chunks (one series at most); a broker message carries a task id and nothing
+chunks (at most ``chunk_size`` instances of one study: a big series is split,
+small series share a chunk); a broker message carries a task id and nothing
 else. A worker *claims* an item (status, owner, lease) before touching it, so
 a task delivered twice does each instance once, and the reconciler can re-send
 any task whose message was lost or whose worker died.
