@@ -334,7 +334,9 @@ def run_task(archive: Archive, task_id: int, *, owner: str | None = None) -> Tas
         if job.status in (JobStatus.QUEUED, JobStatus.SPOOLING):
             job.status, job.started_at = JobStatus.RUNNING, job.started_at or now
         is_recompress = job.kind == "recompress"
-        if not (is_recompress or deliveries > 1 or left_running):
+        # careful only where a worker died holding instances; a re-sent lost message is still a batch
+        died_here = [i for i in left_running if _reclaimable(i, now, owner)]
+        if not (is_recompress or died_here) and deliveries <= settings.max_deliveries:
             plan = _claim_chunk(archive, session, task_id, job, owner, len(open_items))
         uow.commit()
     try:
@@ -364,6 +366,7 @@ class _BatchPlan:
     paths: dict[int, Path]  # claimed item id -> file
     codec: Codec
     keep_skipped: bool
+    busy: int = 0  # open instances another live worker holds
 
 
 def _claim_chunk(archive: Archive, session: Session, task_id: int, job: Job, owner: str, count: int) -> _BatchPlan:
@@ -378,7 +381,7 @@ def _claim_chunk(archive: Archive, session: Session, task_id: int, job: Job, own
         select(JobItem.id, JobItem.path).where(JobItem.task_id == task_id, JobItem.owner == owner,
                                                JobItem.status == ItemStatus.RUNNING).order_by(JobItem.id))}
     return _BatchPlan(job_id=job.id, paths=paths, codec=get_codec(job.params.get("codec") or archive.settings.codec),
-                      keep_skipped=job.spool_dir is None)
+                      keep_skipped=job.spool_dir is None, busy=count - len(paths))
 
 
 def _claim(session: Session, item: JobItem, owner: str, lease_seconds: float) -> bool:
@@ -401,6 +404,9 @@ def _run_batch(archive: Archive, task_id: int, owner: str, report: TaskReport, p
     """Stage every claimed instance, then commit the chunk's rows at once; True while the job has open items."""
     settings = archive.settings
     job_id, codec, keep_skipped, paths = plan.job_id, plan.codec, plan.keep_skipped, plan.paths
+    report.skipped_busy = plan.busy
+    if not paths:
+        return True  # every open instance is held by another live worker
     staged: dict[int, StagedInstance | FileOutcome] = {}
     with archive.unit_of_work() as reads:  # one session for the chunk's duplicate look-ups
         for item_id, path in paths.items():
@@ -684,11 +690,10 @@ class ReconcileReport:
     redispatched: list[int] = field(default_factory=list)
     finalized: list[int] = field(default_factory=list)
     spools_removed: list[str] = field(default_factory=list)
-    resumed_spooling: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"redispatched": self.redispatched, "finalized": self.finalized,
-                "spools_removed": self.spools_removed, "resumed_spooling": self.resumed_spooling}
+                "spools_removed": self.spools_removed}
 
 
 def reconcile(archive: Archive, dispatcher: Dispatcher, *, queue_depth: int | None = None) -> ReconcileReport:
