@@ -110,9 +110,7 @@ def ingest(
         from workers.tasks import dispatch_task
 
         with _open() as archive:
-            first, skipped = jobs.submit_paths(archive, paths, dispatch_task)
-            with archive.unit_of_work() as uow:
-                job_ids = [s.id for s in query.list_jobs(uow.session, limit=10_000) if s.id >= first] if first else []
+            job_ids, skipped = jobs.submit_paths(archive, paths, dispatch_task)
             summaries = _wait_for_jobs(archive, job_ids, timeout)
         if as_json:
             console.print_json(json.dumps({"jobs": [s.as_dict() for s in summaries],

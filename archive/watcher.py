@@ -26,7 +26,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from archive.dicom.reader import peek_uids
-from archive.services.ingest import HIDDEN_OR_TEMPORARY, TEMPORARY_SUFFIXES
+from archive.services.ingest import is_hidden_or_temporary
 from archive.services.jobs import UNREADABLE, Dispatcher
 from archive.services.spool import resume_spooling, spool_study
 from archive.services.runtime import Archive
@@ -36,7 +36,7 @@ IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini"})
 
 
 def is_ignored(name: str) -> bool:
-    return name.startswith(HIDDEN_OR_TEMPORARY) or name.endswith(TEMPORARY_SUFFIXES) or name in IGNORED_NAMES
+    return is_hidden_or_temporary(name) or name in IGNORED_NAMES
 
 
 @dataclass

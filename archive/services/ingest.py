@@ -110,6 +110,11 @@ class IngestReport:
         return [o for o in self.outcomes if o.outcome is outcome]
 
 
+def is_hidden_or_temporary(name: str) -> bool:
+    """``.name``, ``name~``, ``.part``/``.tmp`` and friends: never archived, never moved."""
+    return name.startswith(HIDDEN_OR_TEMPORARY) or name.endswith(TEMPORARY_SUFFIXES)
+
+
 def discover(paths: Iterable[Path]) -> tuple[list[Path], list[FileOutcome]]:
     """Files under ``paths`` in a stable order, and those set aside before reading."""
     found: list[Path] = []
@@ -126,7 +131,7 @@ def discover(paths: Iterable[Path]) -> tuple[list[Path], list[FileOutcome]]:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
                 path = Path(folder) / name
-                if name.startswith(HIDDEN_OR_TEMPORARY) or name.endswith(TEMPORARY_SUFFIXES):
+                if is_hidden_or_temporary(name):
                     skipped.append(FileOutcome(path, Outcome.SKIPPED, "hidden or temporary file"))
                 elif path.is_file():
                     found.append(path)
@@ -374,31 +379,42 @@ def _prepare(parsed: ParsedInstance, codec: Codec, zstd_level: int) -> _Prepared
     header = serialize_header(parsed.dataset)
     frames: list[np.ndarray] | None = None
     fragments: list[bytes] | None = None
-    pixel_hash = hashlib.sha256()
+    hasher = hashlib.sha256()
     if parsed.mode is StorageMode.PIXELS:
         frames = list(iter_frames(parsed))
-        for frame in frames:
-            pixel_hash.update(f"{frame.dtype.str}{frame.shape}".encode())
-            pixel_hash.update(frame.data)  # frames are C-contiguous: hashed without a copy
+        digest = pixel_hash(frames)
         header_blob = compress_bytes(header.part10, zstd_level)
     elif parsed.mode is StorageMode.PASSTHROUGH:
         fragments = list(iter_fragments(parsed))
         for fragment in fragments:
-            pixel_hash.update(len(fragment).to_bytes(8, "little"))
-            pixel_hash.update(fragment)
+            hasher.update(len(fragment).to_bytes(8, "little"))
+            hasher.update(fragment)
         header_blob = compress_bytes(header.part10, zstd_level)
     else:
-        pixel_hash.update(bytes(parsed.dataset.get("PixelData") or b""))
+        hasher.update(bytes(parsed.dataset.get("PixelData") or b""))
         header_blob = compress_bytes(parsed.source_bytes, zstd_level)  # the whole object is the header
     return _Prepared(
         parsed=parsed,
         header_blob=header_blob,
         header_sha256=header.dataset_sha256,
-        pixel_sha256=pixel_hash.hexdigest(),
+        pixel_sha256=digest if frames is not None else hasher.hexdigest(),
         frames=frames,
         fragments=fragments,
         codec=codec,
     )
+
+
+def pixel_hash(frames: Iterable[np.ndarray]) -> str:
+    """The pixel hash of decoded frames: dtype and shape, then the C-ordered values (no copy when contiguous).
+
+    Duplicate detection and re-compression both compare against it.
+    """
+    digest = hashlib.sha256()
+    for frame in frames:
+        frame = np.ascontiguousarray(frame)
+        digest.update(f"{frame.dtype.str}{frame.shape}".encode())
+        digest.update(frame.data)
+    return digest.hexdigest()
 
 
 def _find_duplicate(session: Session, prepared: _Prepared) -> FileOutcome | None:

@@ -252,11 +252,13 @@ def job_task_ids(session: Session, job_id: int) -> list[int]:
     return list(session.scalars(select(JobTask.id).where(JobTask.job_id == job_id).order_by(JobTask.id)))
 
 
-def submit_paths(archive: Archive, paths: Sequence[Path], dispatcher: Dispatcher) -> tuple[int, list[FileOutcome]]:
+def submit_paths(
+    archive: Archive, paths: Sequence[Path], dispatcher: Dispatcher
+) -> tuple[list[int], list[FileOutcome]]:
     """Queue files and folders for the workers in place (``ingest --wait``); sources are only read.
 
     Files are grouped by study and series from their headers, one job per study.
-    Returns the first job id and the files set aside before reading.
+    Returns the job ids and the files set aside before reading.
     """
     files, skipped = discover(paths)
     groups = group_by_study(files)
@@ -275,7 +277,7 @@ def submit_paths(archive: Archive, paths: Sequence[Path], dispatcher: Dispatcher
         with archive.unit_of_work() as uow:
             task_ids = job_task_ids(uow.session, job_id)
         dispatch(archive, task_ids, dispatcher)
-    return (job_ids[0] if job_ids else 0), skipped
+    return job_ids, skipped
 
 
 def group_by_study(files: Sequence[Path]) -> dict[str, list[tuple[Path, str | None]]]:

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, NamedTuple, cast
 
-import numpy as np
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
@@ -29,7 +27,7 @@ from archive.catalog.models import EncodedFrame, Encoding, Instance, InstanceSta
 from archive.codecs import decode_frame, get_codec
 from archive.config import RecompressPolicy
 from archive.errors import ArchiveError, BlobCorruptError, NotFoundError
-from archive.services.ingest import encode_frames, ensure_blob_row
+from archive.services.ingest import encode_frames, ensure_blob_row, pixel_hash
 from archive.services.runtime import Archive
 from archive.services.totals import refresh_study_totals
 
@@ -259,16 +257,6 @@ def release_encoding(archive: Archive, encoding_id: int, study_id: int) -> None:
             encoding.released_at = datetime.now(timezone.utc)
         refresh_study_totals(uow.session, study_id)
         uow.commit()
-
-
-def pixel_hash(frames: Iterable[np.ndarray]) -> str:
-    """The instance pixel hash exactly as ingest computes it (dtype, shape, then the C-ordered bytes)."""
-    digest = hashlib.sha256()
-    for frame in frames:
-        frame = np.ascontiguousarray(frame)
-        digest.update(f"{frame.dtype.str}{frame.shape}".encode())
-        digest.update(frame.data)
-    return digest.hexdigest()
 
 
 def _not_a_candidate(instance: Instance, current: Encoding | None, policy: RecompressPolicy,

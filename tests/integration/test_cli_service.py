@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -75,14 +74,14 @@ def test_ingest_wait_queues_through_the_broker(tmp_path: Path) -> None:
                               start_new_session=True)
     try:
         source = _ct(tmp_path, 2)
+        before = {p.name: p.read_bytes() for p in source.iterdir()}
         result = medarchive(home, "ingest", "--wait", "--timeout", "90", "--json", str(source))
         report = _json(result)
         assert [j["status"] for j in report["jobs"]] == ["done"] * len(report["jobs"])
         assert sum(j["outcomes"].get("stored", 0) for j in report["jobs"]) == 2
-        assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in source.iterdir())  # untouched
+        assert {p.name: p.read_bytes() for p in source.iterdir()} == before  # sources handed to ingest: untouched
         studies = _json(medarchive(home, "studies", "--json"))
         assert sum(s["instances"] for s in studies) == 2
     finally:
         os.killpg(worker.pid, 15)
         worker.wait(timeout=30)
-    assert json.dumps(report)  # the report is JSON-serializable as printed

@@ -139,7 +139,7 @@ def test_worker_sigkilled_mid_study_loses_and_duplicates_nothing(service: Servic
     originals = _originals(source)
     service.start_worker(concurrency=1, MEDARCHIVE_FAULT_DELAY="0.15")
     with service.archive() as archive:
-        job_id, _ = submit_paths(archive, [source], service.dispatcher())
+        [job_id], _ = submit_paths(archive, [source], service.dispatcher())
     service.wait_for(lambda: service.items_final() >= 8 and service.items_running(), 90,
                      "a chunk archived and the next one in flight")
     service.kill("worker")  # SIGKILL the main process and its pool, mid-chunk
@@ -155,7 +155,7 @@ def test_worker_sigkilled_mid_study_loses_and_duplicates_nothing(service: Servic
         attempts = [i.attempts for i in uow.session.scalars(select(JobItem).where(JobItem.job_id == job_id))]
         assert max(attempts) >= 2  # the chunk in flight was redone, instance by instance
     _assert_retrieved_exactly(service, study_uid, originals, tmp_path / "out")
-    assert [p for p in source.rglob("*") if p.is_file()].__len__() == 71  # sources handed to ingest untouched
+    assert len([p for p in source.rglob("*") if p.is_file()]) == 71  # sources handed to ingest are left in place
 
 
 def test_redis_restarted_mid_study(tmp_path: Path, postgres_url: str) -> None:

@@ -74,7 +74,7 @@ def test_small_series_share_a_task_big_ones_are_split() -> None:
 def test_jobs_are_chunked_per_series(archive: Archive, study_files: Path) -> None:
     archive = Archive.open(dataclasses.replace(archive.settings, chunk_size=4))
     recorder = Recorder()
-    job_id, skipped = jobs.submit_paths(archive, [study_files], recorder)
+    [job_id], skipped = jobs.submit_paths(archive, [study_files], recorder)
     assert not skipped
     with archive.unit_of_work() as uow:
         tasks = list(uow.session.scalars(select(JobTask).where(JobTask.job_id == job_id)))
@@ -88,7 +88,7 @@ def test_jobs_are_chunked_per_series(archive: Archive, study_files: Path) -> Non
 
 def test_batch_run_archives_the_chunk_and_finalizes(archive: Archive, study_files: Path) -> None:
     recorder = Recorder()
-    job_id, _ = jobs.submit_paths(archive, [study_files], recorder)
+    [job_id], _ = jobs.submit_paths(archive, [study_files], recorder)
     reports = [jobs.run_task(archive, task_id) for task_id in recorder.sent]
     assert all(r.mode == "batch" for r in reports)
     assert [r.finalized for r in reports] == [False] * (len(reports) - 1) + [True]
@@ -105,7 +105,7 @@ def test_batch_run_archives_the_chunk_and_finalizes(archive: Archive, study_file
 
 def test_redelivery_after_a_dead_worker_goes_instance_by_instance(archive: Archive, study_files: Path) -> None:
     recorder = Recorder()
-    job_id, _ = jobs.submit_paths(archive, [study_files], recorder)
+    [job_id], _ = jobs.submit_paths(archive, [study_files], recorder)
     first = recorder.sent[0]
     dead = f"{socket.gethostname()}:{2**22 + 17}:1"  # no such pid on this host
     _set_items(archive, first, status=ItemStatus.RUNNING, owner=dead, attempts=1,
@@ -118,7 +118,7 @@ def test_redelivery_after_a_dead_worker_goes_instance_by_instance(archive: Archi
 
 def test_an_instance_that_keeps_killing_its_worker_is_quarantined_alone(archive: Archive, study_files: Path) -> None:
     recorder = Recorder()
-    job_id, _ = jobs.submit_paths(archive, [study_files], recorder)
+    [job_id], _ = jobs.submit_paths(archive, [study_files], recorder)
     first = recorder.sent[0]
     dead = f"{socket.gethostname()}:{2**22 + 17}:1"
     poison = _items(archive, job_id)[3]
@@ -138,7 +138,7 @@ def test_an_instance_that_keeps_killing_its_worker_is_quarantined_alone(archive:
 
 def test_items_held_by_a_live_worker_are_left_alone(archive: Archive, study_files: Path) -> None:
     recorder = Recorder()
-    job_id, _ = jobs.submit_paths(archive, [study_files], recorder)
+    [job_id], _ = jobs.submit_paths(archive, [study_files], recorder)
     first = recorder.sent[0]
     parent = os.getppid()
     alive = f"{socket.gethostname()}:{parent}:{jobs._start_ticks(parent)}"
@@ -168,7 +168,7 @@ def _age_tasks(archive: Archive, seconds: float) -> None:
 
 def test_reconciler_resends_lost_and_unsent_tasks(archive: Archive, study_files: Path) -> None:
     archive = Archive.open(dataclasses.replace(archive.settings, chunk_size=10))  # one task per series
-    job_id, _ = jobs.submit_paths(archive, [study_files], Recorder())
+    [job_id], _ = jobs.submit_paths(archive, [study_files], Recorder())
     with archive.unit_of_work() as uow:
         task_ids = jobs.job_task_ids(uow.session, job_id)
         uow.session.execute(update(JobTask).where(JobTask.id == task_ids[0]).values(dispatched_at=None))
@@ -193,7 +193,7 @@ def test_a_broker_that_is_down_leaves_tasks_to_the_reconciler(archive: Archive, 
     def down(task_id: int) -> str:
         raise kombu.exceptions.OperationalError("Error 111 connecting to 127.0.0.1:6399. Connection refused.")
 
-    job_id, _ = jobs.submit_paths(archive, [study_files], down)
+    [job_id], _ = jobs.submit_paths(archive, [study_files], down)
     _age_tasks(archive, 60)
     recorder = Recorder()
     report = jobs.reconcile(archive, recorder)
