@@ -52,7 +52,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from archive.catalog.models import StorageMode
+from archive.kinds import StorageMode
 from archive.codecs import decode_frame, get_codec, read_frame_header
 from archive.codecs.base import Codec, dist_version
 from archive.config import Settings

@@ -59,7 +59,8 @@ import sqlalchemy as sa  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from archive.catalog.models import Instance, Job, JobItem, JobStatus, JobTask, StorageMode, Study  # noqa: E402
+from archive.catalog.models import Instance, Job, JobItem, JobStatus, JobTask, Study  # noqa: E402
+from archive.kinds import StorageMode  # noqa: E402
 from archive.codecs import decode_frame, get_codec  # noqa: E402
 from archive.config import Settings  # noqa: E402
 from archive.dicom.reader import iter_frames, read_instance  # noqa: E402

@@ -12,12 +12,11 @@ from archive.catalog.models import (
     JobStatus,
     QuarantineEntry,
     Series,
-    StorageMode,
     Study,
 )
 
 __all__ = [
     "Base", "Blob", "EncodedFrame", "Encoding", "Instance", "InstanceStatus", "Job", "JobStatus",
-    "QuarantineEntry", "Series", "StorageMode", "Study",
+    "QuarantineEntry", "Series", "Study",
     "create_engine_for", "make_session_factory", "upgrade_schema",
 ]

@@ -29,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from archive.kinds import EncodingKind, JobKind, StorageMode
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -45,14 +47,6 @@ def utcnow() -> datetime:
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
-
-
-class StorageMode(str, enum.Enum):
-    """How an instance's pixels are kept."""
-
-    PIXELS = "pixels"  # decoded frames, each encoded by a codec
-    PASSTHROUGH = "passthrough"  # already lossy input: original compressed frames, untouched
-    WHOLE = "whole"  # non-image or unusual objects: the whole file, zstd-compressed
 
 
 class InstanceStatus(str, enum.Enum):
@@ -81,8 +75,9 @@ class ItemStatus(str, enum.Enum):
 FINAL_ITEM_STATUSES = (ItemStatus.DONE, ItemStatus.QUARANTINED, ItemStatus.FAILED)
 
 
-def _str_enum(kind: type[enum.Enum]) -> Enum:
-    return Enum(kind, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+def _str_enum(kind: type[enum.Enum], length: int = 16) -> Enum:
+    """An Enum stored as its string value (no database enum type, no CHECK constraint)."""
+    return Enum(kind, native_enum=False, length=length, values_callable=lambda e: [m.value for m in e])
 
 
 class Blob(Base):
@@ -143,17 +138,12 @@ class Instance(Base):
     sop_instance_uid: Mapped[str] = mapped_column(String(128), index=True)
     conflict_seq: Mapped[int] = mapped_column(default=0)  # 0 = first arrival
     conflict_of_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))
-    status: Mapped[InstanceStatus] = mapped_column(
-        Enum(InstanceStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
-        default=InstanceStatus.STORED,
-    )
+    status: Mapped[InstanceStatus] = mapped_column(_str_enum(InstanceStatus), default=InstanceStatus.STORED)
     sop_class_uid: Mapped[str | None] = mapped_column(String(128))
     instance_number: Mapped[int | None]
     transfer_syntax_uid: Mapped[str] = mapped_column(String(128))  # as received
     had_file_meta: Mapped[bool] = mapped_column(Boolean, default=True)
-    storage_mode: Mapped[StorageMode] = mapped_column(
-        Enum(StorageMode, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
-    )
+    storage_mode: Mapped[StorageMode] = mapped_column(_str_enum(StorageMode))
     storage_reason: Mapped[str | None] = mapped_column(Text)
     # pixel geometry as received (side information needed to rebuild Pixel Data)
     rows: Mapped[int | None]
@@ -197,7 +187,7 @@ class Encoding(Base):
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"))
     generation: Mapped[int] = mapped_column(default=1)
     is_current: Mapped[bool] = mapped_column(Boolean, default=True)
-    kind: Mapped[str] = mapped_column(String(16))  # lossless | passthrough | whole | lossy | normalized
+    kind: Mapped[EncodingKind] = mapped_column(_str_enum(EncodingKind))
     codec_id: Mapped[str] = mapped_column(String(32))  # as configured
     codec_config: Mapped[dict[str, Any]]
     actual_codecs: Mapped[dict[str, Any]]  # codec id that really ran -> frame count (fallbacks show here)
@@ -248,7 +238,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))  # ingest | recompress
+    kind: Mapped[JobKind] = mapped_column(_str_enum(JobKind, 32))
     status: Mapped[JobStatus] = mapped_column(_str_enum(JobStatus), default=JobStatus.QUEUED, index=True)
     study_uid: Mapped[str | None] = mapped_column(String(128), index=True)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)

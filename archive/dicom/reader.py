@@ -30,7 +30,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from archive.catalog.models import StorageMode
+from archive.kinds import StorageMode
 from archive.dicom.uids import derived_uid, uid_text
 from archive.errors import InvalidDicomError, NotDicomError
 

@@ -38,9 +38,9 @@ from archive.catalog.models import (
     JobStatus,
     QuarantineEntry,
     Series,
-    StorageMode,
     Study,
 )
+from archive.kinds import StorageMode
 from archive.codecs import Codec, decode_frame, get_codec, read_frame_header
 from archive.dicom.reader import ParsedInstance, iter_fragments, iter_frames, read_instance
 from archive.dicom.uids import safe_filename

@@ -23,7 +23,8 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from archive.catalog.models import EncodedFrame, Encoding, Instance, InstanceStatus, Series, StorageMode, Study
+from archive.catalog.models import EncodedFrame, Encoding, Instance, InstanceStatus, Series, Study
+from archive.kinds import EncodingKind, StorageMode
 from archive.codecs import decode_frame, get_codec
 from archive.config import RecompressPolicy
 from archive.errors import ArchiveError, BlobCorruptError, NotFoundError
@@ -35,7 +36,6 @@ RECOMPRESSED = "recompressed"
 UNCHANGED = "unchanged"  # already in the target configuration (or another run did it)
 SKIPPED = "skipped"  # not (or no longer) a candidate of the policy
 OUTCOMES = (RECOMPRESSED, UNCHANGED, SKIPPED)
-LOSSLESS = "lossless"
 _SCAN_BATCH = 1000
 
 
@@ -122,7 +122,7 @@ def _candidates(session: Session, policy: RecompressPolicy, *, limit: int | None
         .where(
             Instance.status.in_((InstanceStatus.STORED, InstanceStatus.CONFLICT)),
             Instance.storage_mode == StorageMode.PIXELS,
-            Encoding.kind == LOSSLESS,
+            Encoding.kind == EncodingKind.LOSSLESS,
         )
         .order_by(Instance.id)
     )
@@ -198,7 +198,7 @@ def recompress_instance(archive: Archive, instance_id: int, policy: RecompressPo
     columns, encoded = encode_frames(codec, frames, bits_stored, total_pixels, raw_bytes, side_info, label,
                                      max_error=policy.max_error)
     new_refs = [(archive.store.put(data), len(data)) for data in encoded]
-    if columns["kind"] == LOSSLESS:  # decode what is now on disk: it must be the archived pixels, bit for bit
+    if columns["kind"] == EncodingKind.LOSSLESS:  # decode what is now on disk: it must be the archived pixels, bit for bit
         stored = [decode_frame(archive.store.get(digest)) for digest, _ in new_refs]
         if pixel_hash(stored) != expected_hash:
             raise ArchiveError(f"instance {instance_id} ({label}): {codec.codec_id} did not reproduce the archived "
@@ -270,8 +270,8 @@ def _not_a_candidate(instance: Instance, current: Encoding | None, policy: Recom
         return SKIPPED, "no current encoding"
     if current.codec_config == target:
         return UNCHANGED, f"already encoded as {target} (generation {current.generation})"
-    if current.kind != LOSSLESS:
-        return SKIPPED, f"current encoding is {current.kind}; new generations derive only from a lossless one"
+    if current.kind is not EncodingKind.LOSSLESS:
+        return SKIPPED, f"current encoding is {current.kind.value}; new generations derive only from a lossless one"
     if policy.from_codecs and current.codec_id not in policy.from_codecs:
         return SKIPPED, f"current codec {current.codec_id} is not one of {list(policy.from_codecs)}"
     return None

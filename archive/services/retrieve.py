@@ -13,7 +13,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from archive.catalog.models import Encoding, Instance, InstanceStatus, Series, StorageMode, Study
+from archive.catalog.models import Encoding, Instance, InstanceStatus, Series, Study
+from archive.kinds import StorageMode
 from archive.codecs import decode_frame
 from archive.dicom.reader import PixelLayout
 from archive.dicom.uids import safe_component

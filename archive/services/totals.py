@@ -5,7 +5,8 @@ from __future__ import annotations
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from archive.catalog.models import Blob, Encoding, Instance, InstanceStatus, Series, StorageMode, Study
+from archive.catalog.models import Blob, Encoding, Instance, InstanceStatus, Series, Study
+from archive.kinds import StorageMode
 
 
 def refresh_study_totals(session: Session, study_id: int) -> None:

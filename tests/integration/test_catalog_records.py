@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from archive.catalog.models import Encoding, Instance, StorageMode
+from archive.catalog.models import Encoding, Instance
+from archive.kinds import StorageMode
 from archive.services.ingest import Outcome, ingest_paths
 from archive.services.retrieve import read_frame
 from archive.services.runtime import Archive

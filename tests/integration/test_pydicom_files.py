@@ -19,7 +19,8 @@ import pytest
 from pydicom.encaps import generate_frames
 from sqlalchemy import select
 
-from archive.catalog.models import Instance, StorageMode
+from archive.catalog.models import Instance
+from archive.kinds import StorageMode
 from archive.services.ingest import Outcome, ingest_paths
 from archive.services.retrieve import retrieve_study
 from archive.services.runtime import Archive

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from archive.catalog.models import StorageMode
+from archive.kinds import StorageMode
 from archive.dicom.reader import iter_frames, read_instance, sniff
 from archive.errors import InvalidDicomError, NotDicomError
 from tests.conftest import shared_data

@@ -1,0 +1,34 @@
+"""The named kinds the archive records and reports: one Enum each, shared by the reader, catalog and services.
+
+They live outside :mod:`archive.catalog` so that the DICOM reader and the
+codecs never import the catalog; the catalog stores their values as strings.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class StorageMode(str, enum.Enum):
+    """How an instance's pixels are kept."""
+
+    PIXELS = "pixels"  # decoded frames, each encoded by a codec
+    PASSTHROUGH = "passthrough"  # already lossy input: original compressed frames, untouched
+    WHOLE = "whole"  # non-image or unusual objects: the whole file, zstd-compressed
+
+
+class EncodingKind(str, enum.Enum):
+    """What an encoding row is, as far as its pixels' fidelity goes."""
+
+    LOSSLESS = "lossless"
+    LOSSY = "lossy"
+    PASSTHROUGH = "passthrough"  # the original compressed frames, as received
+    WHOLE = "whole"  # the object kept whole (header blob), no frames
+    NORMALIZED = "normalized"
+
+
+class JobKind(str, enum.Enum):
+    """What a job does; each kind has one handler in :mod:`archive.services.jobs`."""
+
+    INGEST = "ingest"
+    RECOMPRESS = "recompress"
