@@ -143,6 +143,7 @@ def ingest_paths(
     paths: Sequence[Path],
     *,
     codec_config: dict[str, Any] | None = None,
+    jobs: int = 1,
     on_discovered: Callable[[int], None] | None = None,
     on_file: Callable[[FileOutcome], None] | None = None,
 ) -> IngestReport:
