@@ -81,11 +81,15 @@ def _str_enum(kind: type[enum.Enum], length: int = 16) -> Enum:
 
 
 class Blob(Base):
+    """A stored blob and where it is: a pack and an offset, or (older archives) a loose file."""
+
     __tablename__ = "blobs"
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    pack: Mapped[str | None] = mapped_column(String(64), index=True)  # None: a loose file (layout before packs)
+    offset: Mapped[int | None] = mapped_column(BigInteger)  # of the blob's bytes in the pack
 
 
 class Study(Base):

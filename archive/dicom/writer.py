@@ -40,8 +40,9 @@ _REENCODABLE = frozenset({RLELossless, JPEGLSLossless, JPEG2000Lossless})
 
 @dataclass(frozen=True)
 class SerializedHeader:
-    part10: bytes  # a Part 10 file without Pixel Data, Explicit VR Little Endian
+    part10: bytes  # a Part 10 file without Pixel Data, its data set in Explicit VR Little Endian
     dataset_sha256: str  # identity of the data set alone: independent of transfer syntax and file meta
+    kept: bool = False  # the original bytes, not a pydicom re-serialisation
 
 
 def serialize_header(ds: Dataset) -> SerializedHeader:

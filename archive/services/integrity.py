@@ -16,18 +16,23 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, delete, exists, select, union_all
+from sqlalchemy import Select, delete, exists, func, select, union_all, update
 from sqlalchemy.orm import Session
 
 from archive.catalog.models import Blob, EncodedFrame, Encoding, Instance, Series, Study
 from archive.errors import BlobCorruptError, BlobNotFoundError, NotFoundError
+from archive.services.blobs import blob_refs
 from archive.services.runtime import Archive
+from archive.store import BlobRef
+from archive.store.packs import PACK_MAGIC, RECORD_HEADER
 
 MISSING = "missing"
 CORRUPT = "corrupt"
 _PAGE = 1000
+COMPACT_DEAD_FRACTION = 0.25  # a sealed pack is rewritten once this share of it is dead
 
 
 @dataclass(frozen=True)
@@ -79,13 +84,18 @@ class GcReport:
     dry_run: bool
     grace_seconds: float
     blob_rows: int = 0  # unreferenced catalog rows deleted (dry run: that would be)
-    blob_files: int = 0  # their files deleted
+    blob_files: int = 0  # loose files (layout before packs) of deleted rows deleted
     blob_bytes: int = 0
-    kept_recent: int = 0  # files of deleted rows kept: put again within the grace period
-    missing_files: int = 0  # rows deleted whose file was already gone
-    orphan_files: int = 0  # files with no catalog row (a stage that never committed), deleted
+    kept_recent: int = 0  # loose files of deleted rows kept: put again within the grace period
+    missing_files: int = 0  # rows deleted whose loose file was already gone
+    orphan_files: int = 0  # loose files with no catalog row (a stage that never committed), deleted
     orphan_bytes: int = 0
-    deleted: list[str] = field(default_factory=list)  # digests of the files deleted
+    packs_compacted: int = 0  # sealed packs whose live blobs were copied to a new pack
+    packs_retired: int = 0  # packs set aside (compacted, or with nothing live)
+    pack_bytes_moved: int = 0  # live bytes copied by compaction
+    pack_bytes_reclaimable: int = 0  # dead bytes in the packs retired by this run
+    pack_bytes_freed: int = 0  # retired packs deleted (set aside by an earlier run, past the grace period)
+    deleted: list[str] = field(default_factory=list)  # digests of the loose files deleted
 
     @property
     def files_deleted(self) -> int:
@@ -93,7 +103,7 @@ class GcReport:
 
     @property
     def bytes_freed(self) -> int:
-        return self.blob_bytes + self.orphan_bytes
+        return self.blob_bytes + self.orphan_bytes + self.pack_bytes_freed
 
     def as_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -122,10 +132,13 @@ def verify_blobs(
             page = list(uow.session.scalars(
                 select(refs.c.digest).distinct().where(refs.c.digest > last).order_by(refs.c.digest).limit(_PAGE)
             ))
+            locations = blob_refs(uow.session, page)
         bad: dict[str, str] = {}
         for digest in page:
             try:
-                data = archive.store.get(digest)
+                if digest not in locations:
+                    raise BlobNotFoundError(f"blob {digest} has no catalog row")
+                data = archive.store.get(locations[digest])
             except BlobNotFoundError:
                 bad[digest] = MISSING
             except BlobCorruptError:
@@ -194,49 +207,115 @@ def collect_garbage(
     )
     with archive.unit_of_work() as uow:
         if dry_run:
-            rows = uow.session.execute(select(Blob.sha256, Blob.size).where(unreferenced)).all()
+            rows = uow.session.execute(select(Blob.sha256, Blob.size, Blob.pack).where(unreferenced)).all()
         else:
             # The DELETE carries the conditions itself: a reference committed after any earlier read is seen
             # (PostgreSQL re-checks a row another transaction updated; SQLite has a single writer).
             rows = uow.session.execute(
-                delete(Blob).where(unreferenced).returning(Blob.sha256, Blob.size)
+                delete(Blob).where(unreferenced).returning(Blob.sha256, Blob.size, Blob.pack)
             ).all()
             uow.commit()
     report.blob_rows = len(rows)
-    store = archive.store
-    for digest, size in sorted(rows):
-        mtime = store.mtime(digest)
+    loose = archive.store.loose
+    for digest, size, pack in sorted(rows):
+        if pack is not None:
+            continue  # a packed blob's bytes come back when its pack is compacted
+        mtime = loose.mtime(digest)
         if mtime is None:
             report.missing_files += 1
             continue
-        freed = (size if mtime < cutoff_ts else None) if dry_run else store.delete_if_older(digest, cutoff_ts)
+        freed = (size if mtime < cutoff_ts else None) if dry_run else loose.delete_if_older(digest, cutoff_ts)
         if freed is None:  # put again within the grace period: about to be referenced, or an orphan later
             report.kept_recent += 1
             continue
         report.blob_files += 1
         report.blob_bytes += freed
         report.deleted.append(digest)
-    for batch in _batches(store.digests(), _PAGE):
+    for batch in _batches(loose.digests(), _PAGE):
         with archive.unit_of_work() as uow:
-            known = set(uow.session.scalars(select(Blob.sha256).where(Blob.sha256.in_(batch))))
+            known = set(uow.session.scalars(select(Blob.sha256).where(Blob.sha256.in_(batch), Blob.pack.is_(None))))
         for digest in batch:
             if digest in known:
                 continue
-            mtime = store.mtime(digest)
+            mtime = loose.mtime(digest)
             if mtime is None or mtime >= cutoff_ts:
                 continue  # young: a stage that has not committed yet
-            freed = _size_on_disk(archive, digest) if dry_run else store.delete_if_older(digest, cutoff_ts)
+            freed = _size_on_disk(loose.path_for(digest)) if dry_run else loose.delete_if_older(digest, cutoff_ts)
             if freed is None:
                 continue
             report.orphan_files += 1
             report.orphan_bytes += freed
             report.deleted.append(digest)
+    compact_packs(archive, report, cutoff_ts, dry_run=dry_run)
     return report
 
 
-def _size_on_disk(archive: Archive, digest: str) -> int | None:
+def compact_packs(archive: Archive, report: GcReport, cutoff_ts: float, *, dry_run: bool = False) -> None:
+    """Give back the space of dead records: copy a sealed pack's live blobs to a new pack, retire the old one.
+
+    Only packs no process appends to (no flock) and not modified since the
+    cutoff are touched. Rows are moved with a compare-and-set on the old
+    location, after the copies are durable; the old pack is set aside, and
+    deleted by a run after the grace period, so a reader holding its old
+    location still reads it meanwhile.
+    """
+    packs = archive.store.packs
+    if not dry_run:
+        report.pack_bytes_freed += packs.purge_retired(cutoff_ts)
+    for info in packs.packs():
+        if info.mtime >= cutoff_ts:
+            continue
+        with packs.sealed(info.name) as sealed:
+            if not sealed:
+                continue  # a live process still appends to it
+            with archive.unit_of_work() as uow:
+                live = [BlobRef(row.sha256, row.size, info.name, row.offset) for row in uow.session.execute(
+                    select(Blob.sha256, Blob.size, Blob.offset).where(Blob.pack == info.name))]
+            live_bytes = sum(ref.size + RECORD_HEADER for ref in live) + len(PACK_MAGIC)
+            dead = info.size - live_bytes
+            if live and dead < info.size * COMPACT_DEAD_FRACTION:
+                continue
+            if dry_run:
+                report.packs_retired += 1
+                report.packs_compacted += bool(live)
+                report.pack_bytes_reclaimable += dead
+                continue
+            if live and not _move_live_blobs(archive, info.name, live):
+                continue
+            packs.retire(info.name)
+            report.packs_retired += 1
+            report.packs_compacted += bool(live)
+            report.pack_bytes_moved += sum(ref.size for ref in live)
+            report.pack_bytes_reclaimable += dead
+    archive.store.sync()
+
+
+def _move_live_blobs(archive: Archive, pack: str, live: list[BlobRef]) -> bool:
+    """Copy live blobs to this process's pack and point their rows there; False when one cannot be read."""
+    moved: list[tuple[BlobRef, BlobRef]] = []
+    for ref in live:
+        try:
+            moved.append((ref, archive.store.put(archive.store.get(ref))))
+        except (BlobCorruptError, BlobNotFoundError):
+            return False  # verify reports it; the pack stays until an administrator has looked
+    archive.store.sync()
+    with archive.unit_of_work() as uow:
+        for old, new in moved:
+            uow.session.execute(
+                update(Blob).where(Blob.sha256 == old.digest, Blob.pack == pack, Blob.offset == old.offset)
+                .values(pack=new.pack, offset=new.offset)
+            )
+        remaining = uow.session.scalar(select(func.count()).select_from(Blob).where(Blob.pack == pack))
+        if remaining:
+            uow.rollback()
+            return False
+        uow.commit()
+    return True
+
+
+def _size_on_disk(path: Path) -> int | None:
     try:
-        return archive.store.path_for(digest).stat().st_size
+        return path.stat().st_size
     except FileNotFoundError:
         return None
 

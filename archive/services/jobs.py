@@ -68,6 +68,7 @@ from archive.services.ingest import (
     quarantine_file,
     stage_file,
 )
+from archive.services.blobs import blob_refs
 from archive.services.runtime import Archive
 from archive.services.totals import refresh_study_totals
 
@@ -681,7 +682,8 @@ def _missing_blobs(archive: Archive, session: Session, job_id: int) -> list[str]
         select(EncodedFrame.blob_sha256).join(Encoding, EncodedFrame.encoding_id == Encoding.id)
         .join(Instance, Encoding.instance_id == Instance.id).where(Instance.job_id == job_id, Encoding.is_current)
     ))
-    return sorted(d for d in digests if not archive.store.exists(d))
+    refs = blob_refs(session, digests)
+    return sorted(d for d in digests if d not in refs or not archive.store.exists(refs[d]))
 
 
 # --------------------------------------------------------------------------- the reconciler

@@ -28,7 +28,8 @@ from archive.kinds import EncodingKind, StorageMode
 from archive.codecs import decode_frame, get_codec
 from archive.config import RecompressPolicy
 from archive.errors import ArchiveError, BlobCorruptError, NotFoundError
-from archive.services.ingest import encode_frames, ensure_blob_row, pixel_hash
+from archive.services.blobs import read_blobs, record_blobs
+from archive.services.encoding import encode_frames, pixel_hash
 from archive.services.runtime import Archive
 from archive.services.totals import refresh_study_totals
 
@@ -189,7 +190,8 @@ def recompress_instance(archive: Archive, instance_id: int, policy: RecompressPo
             release_encoding(archive, leftover, study_id)
         return RecompressResult(instance_id, reason[0], reason[1], size, size, study_id)
 
-    frames = [decode_frame(archive.store.get(d)) for d in digests]  # get() re-hashes each blob
+    with archive.unit_of_work() as uow:
+        frames = [decode_frame(b) for b in read_blobs(uow.session, uow.store, digests)]  # each blob re-hashed
     if pixel_hash(frames) != expected_hash:
         raise BlobCorruptError(
             f"instance {instance_id} ({label}): stored frames decode to pixels that differ from those archived; "
@@ -197,9 +199,10 @@ def recompress_instance(archive: Archive, instance_id: int, policy: RecompressPo
         )
     columns, encoded = encode_frames(codec, frames, bits_stored, total_pixels, raw_bytes, side_info, label,
                                      max_error=policy.max_error)
-    new_refs = [(archive.store.put(data), len(data)) for data in encoded]
+    new_refs = [archive.store.put(data) for data in encoded]
+    archive.store.sync()  # durable before the generation that references them is committed
     if columns["kind"] == EncodingKind.LOSSLESS:  # decode what is now on disk: it must be the archived pixels, bit for bit
-        stored = [decode_frame(archive.store.get(digest)) for digest, _ in new_refs]
+        stored = [decode_frame(archive.store.get(ref)) for ref in new_refs]
         if pixel_hash(stored) != expected_hash:
             raise ArchiveError(f"instance {instance_id} ({label}): {codec.codec_id} did not reproduce the archived "
                                "pixels; the previous encoding stays current")
@@ -214,8 +217,7 @@ def recompress_instance(archive: Archive, instance_id: int, policy: RecompressPo
         )).rowcount
         if flipped != 1:
             return RecompressResult(instance_id, UNCHANGED, replaced, bytes_before, bytes_before, study_id)
-        for digest, size in sorted(dict(new_refs).items()):  # sorted: concurrent runs lock rows in one order
-            ensure_blob_row(session, digest, size)  # in the referencing transaction: restarts the GC's grace
+        record_blobs(session, new_refs)  # in the referencing transaction: restarts the GC's grace period
         generation = (session.scalar(
             select(func.max(Encoding.generation)).where(Encoding.instance_id == instance_id)
         ) or old_generation) + 1
@@ -224,7 +226,7 @@ def recompress_instance(archive: Archive, instance_id: int, policy: RecompressPo
             generation=generation,
             is_current=True,
             derived_from_id=old_id,
-            frames=[EncodedFrame(frame_index=i, blob_sha256=d, nbytes=n) for i, (d, n) in enumerate(new_refs)],
+            frames=[EncodedFrame(frame_index=i, blob_sha256=r.digest, nbytes=r.size) for i, r in enumerate(new_refs)],
             **columns,
         ))
         try:

@@ -27,6 +27,7 @@ from archive.dicom.writer import (
     to_part10,
 )
 from archive.errors import ArchiveError, NotFoundError
+from archive.services.blobs import read_blob, read_blobs
 from archive.services.runtime import Archive
 from archive.services.unit_of_work import UnitOfWork
 from archive.store.compression import decompress_bytes
@@ -92,7 +93,7 @@ def retrieve_study(
 
 def instance_part10(uow: UnitOfWork, instance: Instance, transfer_syntax: str) -> tuple[bytes, UID, str]:
     """One instance as Part 10 bytes, the syntax actually written, and why it differs if it does."""
-    header = decompress_bytes(uow.store.get(instance.header_blob))
+    header = decompress_bytes(read_blob(uow.session, uow.store, instance.header_blob))
     ds = read_header(header)
     original = UID(instance.transfer_syntax_uid)
     if instance.storage_mode is StorageMode.WHOLE:
@@ -102,7 +103,7 @@ def instance_part10(uow: UnitOfWork, instance: Instance, transfer_syntax: str) -
         note = "" if native or transfer_syntax == "original" else "kept whole: given back as received"
         return _write(ds, target, original, note)
     encoding = current_encoding(instance)
-    blobs = [uow.store.get(f.blob_sha256) for f in encoding.frames]
+    blobs = read_blobs(uow.session, uow.store, [f.blob_sha256 for f in encoding.frames])
     if instance.storage_mode is StorageMode.PASSTHROUGH:
         attach_fragments(ds, blobs, instance.transfer_syntax_uid)
         if transfer_syntax == "explicit-le":
@@ -160,7 +161,7 @@ def layout_of(instance: Instance) -> PixelLayout:
 
 
 def read_frame(archive: Archive, sop_instance_uid: str, index: int) -> np.ndarray:
-    """One frame of an archived instance, decoded alone (frames are stored one blob each)."""
+    """One frame of an archived instance, decoded alone: one ranged read, checked against the frame's digest."""
     with archive.unit_of_work() as uow:
         instance = uow.session.scalar(
             select(Instance).where(Instance.sop_instance_uid == sop_instance_uid, Instance.conflict_seq == 0)
@@ -172,7 +173,7 @@ def read_frame(archive: Archive, sop_instance_uid: str, index: int) -> np.ndarra
         frames = current_encoding(instance).frames
         if not 0 <= index < len(frames):
             raise NotFoundError(f"instance {sop_instance_uid} has {len(frames)} frames, not {index + 1}")
-        return decode_frame(uow.store.get(frames[index].blob_sha256))
+        return decode_frame(read_blob(uow.session, uow.store, frames[index].blob_sha256))
 
 
 def _write_atomically(target: Path, data: bytes, root: Path) -> None:

@@ -15,7 +15,7 @@ from archive.catalog.database import alembic_config, create_engine_for, make_ses
 from archive.config import Settings
 from archive.errors import ConfigError
 from archive.services.unit_of_work import UnitOfWork
-from archive.store import FileBlobStore
+from archive.store import ArchiveStore
 
 
 @dataclass
@@ -23,7 +23,7 @@ class Archive:
     settings: Settings
     engine: Engine
     session_factory: sessionmaker[Session]
-    store: FileBlobStore
+    store: ArchiveStore
 
     @classmethod
     def open(cls, settings: Settings | None = None, *, migrate: bool | None = None) -> Archive:
@@ -44,13 +44,14 @@ class Archive:
             settings=settings,
             engine=engine,
             session_factory=make_session_factory(engine),
-            store=FileBlobStore(settings.blob_dir),
+            store=ArchiveStore(settings.blob_dir),
         )
 
     def unit_of_work(self) -> UnitOfWork:
         return UnitOfWork(self.session_factory, self.store)
 
     def close(self) -> None:
+        self.store.close()
         self.engine.dispose()
 
     def __enter__(self) -> Self:

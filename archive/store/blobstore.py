@@ -1,4 +1,8 @@
-"""A content-addressed blob store: a blob's name is the sha256 of its bytes.
+"""Content-addressed blobs: a blob's name is the sha256 of its bytes, checked on every read.
+
+:class:`BlobStore` is the contract every backend passes (tests/unit/store). New
+blobs go to pack files (:mod:`archive.store.packs`); :class:`FileBlobStore`,
+one file per blob, is the layout archives written before packs still read.
 
 Writes are atomic (temporary file, fsync, rename, fsync of the folder) so a
 crash leaves either the whole blob or nothing; every read re-hashes, so a
@@ -18,6 +22,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Protocol
 
 from archive.errors import BlobCorruptError, BlobNotFoundError
@@ -29,26 +34,38 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@dataclass(frozen=True)
+class BlobRef:
+    """Where a blob is: its digest and size, and for packed blobs the pack and the offset of its bytes.
+
+    The catalog's ``blobs`` rows hold these; a reader needs nothing else.
+    """
+
+    digest: str
+    size: int
+    pack: str | None = None  # None: a loose file of the layout before packs
+    offset: int | None = None
+
+
 class BlobStore(Protocol):
-    """What the services need from a store; a file system or an object store."""
+    """What the services need from a store (a file system today, an object store tomorrow).
 
-    def put(self, data: bytes) -> str: ...
+    ``put`` may buffer: a blob is durable once ``sync`` returns, and callers
+    commit catalog rows that reference blobs only after that. ``get`` re-hashes
+    what it reads and raises BlobNotFoundError / BlobCorruptError.
+    """
 
-    def get(self, digest: str) -> bytes: ...
+    def put(self, data: bytes) -> BlobRef: ...
 
-    def exists(self, digest: str) -> bool: ...
+    def sync(self) -> None: ...
 
-    def delete(self, digest: str) -> None: ...
+    def get(self, ref: BlobRef) -> bytes: ...
 
-    def digests(self) -> Iterator[str]: ...
-
-    def mtime(self, digest: str) -> float | None: ...
-
-    def delete_if_older(self, digest: str, cutoff: float) -> int | None: ...
+    def exists(self, ref: BlobRef) -> bool: ...
 
 
 class FileBlobStore:
-    """Blobs as files under ``root/ab/cd/abcd…`` (two fan-out levels)."""
+    """Blobs as files under ``root/ab/cd/abcd…`` (two fan-out levels): the layout before packs."""
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = Path(root)
@@ -59,7 +76,13 @@ class FileBlobStore:
             raise ValueError(f"not a sha256 hex digest: {digest!r}")
         return self.root / digest[:2] / digest[2:4] / digest
 
-    def put(self, data: bytes) -> str:
+    def put(self, data: bytes) -> BlobRef:
+        return BlobRef(self.put_digest(data), len(data))
+
+    def sync(self) -> None:
+        """Every put is durable when it returns (file and folder fsynced)."""
+
+    def put_digest(self, data: bytes) -> str:
         digest = sha256_hex(data)
         target = self.path_for(digest)
         try:
@@ -84,7 +107,8 @@ class FileBlobStore:
             fsync_dir(target.parent)
         return digest
 
-    def get(self, digest: str) -> bytes:
+    def get(self, ref: BlobRef | str) -> bytes:
+        digest = ref if isinstance(ref, str) else ref.digest
         path = self.path_for(digest)
         try:
             data = path.read_bytes()
@@ -95,8 +119,8 @@ class FileBlobStore:
             raise BlobCorruptError(f"blob {digest} is corrupt: its content hashes to {actual}")
         return data
 
-    def exists(self, digest: str) -> bool:
-        return self.path_for(digest).exists()
+    def exists(self, ref: BlobRef | str) -> bool:
+        return self.path_for(ref if isinstance(ref, str) else ref.digest).exists()
 
     def delete(self, digest: str) -> None:
         self.path_for(digest).unlink(missing_ok=True)
