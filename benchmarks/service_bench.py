@@ -61,6 +61,7 @@ from sqlalchemy import func, select  # noqa: E402
 
 from archive.catalog.models import Instance, Job, JobItem, JobStatus, JobTask, Study  # noqa: E402
 from archive.kinds import StorageMode  # noqa: E402
+from archive.clock import aware_utc  # noqa: E402
 from archive.codecs import decode_frame, get_codec  # noqa: E402
 from archive.config import Settings  # noqa: E402
 from archive.dicom.reader import iter_frames, read_instance  # noqa: E402
@@ -608,8 +609,8 @@ def run_service(
         with archive.unit_of_work() as uow:
             last = uow.session.scalar(select(func.max(Job.finished_at)))
             first_start = uow.session.scalar(select(func.min(Job.started_at)))
-        last = jobs._aware(last)  # SQLite hands back naive UTC
-        first_start = jobs._aware(first_start)
+        last = aware_utc(last)  # SQLite hands back naive UTC
+        first_start = aware_utc(first_start)
         wall = (last - started_at).total_seconds() if last else polled_s
         result.update(_catalog_summary(archive))
         result.update({

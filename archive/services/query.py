@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -22,8 +22,8 @@ from archive.catalog.models import (
     Series,
     Study,
 )
+from archive.clock import aware_utc, utcnow
 from archive.errors import NotFoundError
-from archive.services.jobs import aware_utc
 from archive.services.runtime import Archive
 
 
@@ -191,7 +191,7 @@ def list_jobs(session: Session, *, status: str | None = None, job_id: int | None
     return [
         JobSummary(id=j.id, kind=j.kind, status=j.status.value, study_uid=j.study_uid, policy=j.policy,
                    items=dict(items[j.id]), outcomes=dict(outcomes[j.id]), error=j.error,
-                   created_at=aware_utc(j.created_at) or datetime.now(timezone.utc), finished_at=aware_utc(j.finished_at))
+                   created_at=aware_utc(j.created_at) or utcnow(), finished_at=aware_utc(j.finished_at))
         for j in jobs
     ]
 

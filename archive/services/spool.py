@@ -15,16 +15,17 @@ import hashlib
 import os
 import shutil
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import select
 
 from archive.catalog.models import Job, JobStatus
+from archive.clock import utcnow
 from archive.codecs import get_codec
 from archive.services.jobs import Dispatcher, ItemSpec, create_job, dispatch, job_task_ids
 from archive.services.runtime import Archive
 from archive.store.blobstore import fsync_dir
+from archive.kinds import JobKind
 
 
 def spool_fingerprint(study_uid: str, files: Sequence[tuple[str, int, int]]) -> str:
@@ -52,10 +53,10 @@ def spool_study(
         existing = uow.session.scalar(select(Job).where(Job.fingerprint == fingerprint))
         if existing is not None and existing.status is not JobStatus.SPOOLING:
             # the very same files (same names, sizes and times) again after that job finished: a new arrival
-            fingerprint = hashlib.sha256(f"{fingerprint}:{_now().isoformat()}".encode()).hexdigest()
+            fingerprint = hashlib.sha256(f"{fingerprint}:{utcnow().isoformat()}".encode()).hexdigest()
             existing = None
         if existing is None:
-            job = Job(kind="ingest", status=JobStatus.SPOOLING, study_uid=study_uid or None, fingerprint=fingerprint,
+            job = Job(kind=JobKind.INGEST, status=JobStatus.SPOOLING, study_uid=study_uid or None, fingerprint=fingerprint,
                       params={"inbox": str(inbox), "files": [[r, series] for r, _, _, series in rels],
                               "codec": get_codec(archive.settings.codec).get_config()})
             uow.session.add(job)
@@ -94,9 +95,9 @@ def _finish_spooling(archive: Archive, job_id: int, dispatcher: Dispatcher) -> i
     with archive.unit_of_work() as uow:
         job = uow.session.get_one(Job, job_id)
         if job.status is JobStatus.SPOOLING:
-            create_job(uow.session, kind="ingest", items=items, chunk_size=archive.settings.chunk_size, job=job)
+            create_job(uow.session, kind=JobKind.INGEST, items=items, chunk_size=archive.settings.chunk_size, job=job)
             if not items:
-                job.status, job.finished_at, job.error = JobStatus.DONE, _now(), "every file left the inbox before spooling"
+                job.status, job.finished_at, job.error = JobStatus.DONE, utcnow(), "every file left the inbox before spooling"
         uow.commit()
         task_ids = job_task_ids(uow.session, job_id)
     dispatch(archive, task_ids, dispatcher)
@@ -116,7 +117,3 @@ def _move_durably(source: Path, target: Path) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         source.unlink()  # only once the copy is durable
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)

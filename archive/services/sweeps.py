@@ -18,6 +18,7 @@ from archive.catalog.models import Instance, ItemStatus, Job, JobItem, JobStatus
 from archive.codecs import get_codec
 from archive.services.jobs import Dispatcher, ItemSpec, create_job, dispatch
 from archive.services.runtime import Archive
+from archive.kinds import JobKind
 
 
 @dataclass
@@ -50,13 +51,13 @@ def start_sweep(
     policy = settings.policy(policy_name)
     get_codec(policy.codec)  # a bad target config fails here, not in every worker
     report = SweepReport(policy=policy_name)
-    if respect_window and not policy.in_window((now or datetime.now()).time()):
+    if respect_window and not policy.in_window(now.time() if now is not None else None):
         report.action = "outside window"
         return report
     with archive.unit_of_work() as uow:
         session = uow.session
         open_job = session.scalar(
-            select(Job).where(Job.kind == "recompress", Job.policy == policy_name,
+            select(Job).where(Job.kind == JobKind.RECOMPRESS, Job.policy == policy_name,
                               Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])).order_by(Job.id).limit(1)
         )
         if open_job is not None:
@@ -78,7 +79,7 @@ def start_sweep(
                 )
             }
             job = create_job(
-                session, kind="recompress", policy=policy_name, chunk_size=settings.chunk_size,
+                session, kind=JobKind.RECOMPRESS, policy=policy_name, chunk_size=settings.chunk_size,
                 items=[ItemSpec(instance_id=i, series_uid=series_of.get(i)) for i in candidates],
                 params={"codec": get_codec(policy.codec).get_config(), "max_error": policy.max_error,
                         "respect_window": respect_window},

@@ -1,0 +1,152 @@
+"""Closing the loop: finish jobs whose items are all final, and re-send work no live task holds."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from archive.catalog.models import FINAL_ITEM_STATUSES, EncodedFrame, Encoding, Instance, ItemStatus, Job, JobItem, JobStatus, JobTask
+from archive.clock import aware_utc, utcnow
+from archive.services.blobs import blob_refs
+from archive.services.job_kinds import handler_for, in_window
+from archive.services.leases import process_owner, reclaimable
+from archive.services.runtime import Archive
+from archive.services.submission import Dispatcher, dispatch
+from archive.services.totals import refresh_study_totals
+
+def finalize_job(archive: Archive, job_id: int) -> bool:
+    """Close a job whose items are all final: recompute totals from the catalog, release its spool folder.
+
+    The spool folder goes only when every instance in it is archived and its
+    blobs are present, or quarantined (with a copy); otherwise the job fails
+    and the folder stays for an administrator.
+    """
+    with archive.unit_of_work() as uow:
+        session = uow.session
+        job = session.get(Job, job_id)
+        if job is None or job.status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.SPOOLING):
+            return False
+        open_count = session.scalar(
+            select(func.count()).select_from(JobItem).where(
+                JobItem.job_id == job_id, JobItem.status.not_in(FINAL_ITEM_STATUSES)
+            )
+        )
+        if open_count:
+            return False
+        counts: Counter[str] = Counter()
+        for status, outcome, n in session.execute(
+            select(JobItem.status, JobItem.outcome, func.count()).where(JobItem.job_id == job_id)
+            .group_by(JobItem.status, JobItem.outcome)
+        ):
+            counts[outcome or status.value] += n
+        counts["items"] = sum(v for k, v in counts.items() if k != "items")
+        handler = handler_for(job)
+        for study_id in handler.studies_of(session, job):
+            refresh_study_totals(session, study_id)
+        missing = _missing_blobs(archive, session, job_id) if handler.blobs_must_exist else []
+        failed = counts.get("failed", 0)
+        error = None
+        if missing:
+            error = f"{len(missing)} blobs missing after ingest (first {missing[0]}); spool folder kept"
+        elif failed:
+            error = f"{failed} instances failed; see `medarchive jobs --id {job_id}`"
+        result = session.execute(
+            update(Job).where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])).values(
+                status=JobStatus.FAILED if missing else JobStatus.DONE, finished_at=utcnow(), counts=dict(counts),
+                error=error,
+            ).execution_options(synchronize_session=False)
+        )
+        won = getattr(result, "rowcount", 0) == 1
+        spool_dir = job.spool_dir
+        uow.commit()
+    if won and spool_dir and not missing:
+        shutil.rmtree(spool_dir, ignore_errors=True)
+    return bool(won)
+
+
+def _missing_blobs(archive: Archive, session: Session, job_id: int) -> list[str]:
+    digests = set(session.scalars(select(Instance.header_blob).where(Instance.job_id == job_id)))
+    digests.update(session.scalars(
+        select(EncodedFrame.blob_sha256).join(Encoding, EncodedFrame.encoding_id == Encoding.id)
+        .join(Instance, Encoding.instance_id == Instance.id).where(Instance.job_id == job_id, Encoding.is_current)
+    ))
+    refs = blob_refs(session, digests)
+    return sorted(d for d in digests if d not in refs or not archive.store.exists(refs[d]))
+
+
+@dataclass
+class ReconcileReport:
+    redispatched: list[int] = field(default_factory=list)
+    finalized: list[int] = field(default_factory=list)
+    spools_removed: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"redispatched": self.redispatched, "finalized": self.finalized,
+                "spools_removed": self.spools_removed}
+
+
+def reconcile(archive: Archive, dispatcher: Dispatcher, *, queue_depth: int | None = None) -> ReconcileReport:
+    """Re-send work the catalog says is unfinished but no live task holds; close finished jobs.
+
+    A task is re-sent when it was never sent, when an item is claimed by a
+    dead process or past its lease, or when it was sent more than
+    ``requeue_after`` seconds ago and the broker queue holds fewer messages
+    than there are such tasks (a broker restart without persistence, or the
+    embedded broker losing a SIGKILLed worker's message). Duplicates are
+    harmless: items are claimed, not assumed.
+    """
+    settings = archive.settings
+    report = ReconcileReport()
+    now = utcnow()
+    owner = process_owner()
+    waiting: list[tuple[datetime, int]] = []
+    with archive.unit_of_work() as uow:
+        session = uow.session
+        rows = session.execute(
+            select(JobTask, JobItem, Job)
+            .join(JobItem, JobItem.task_id == JobTask.id)
+            .join(Job, Job.id == JobTask.job_id)
+            .where(JobItem.status.in_([ItemStatus.QUEUED, ItemStatus.RUNNING]),
+                   Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        ).all()
+        per_task: dict[int, tuple[JobTask, Job, list[JobItem]]] = {}
+        for task, item, job in rows:
+            per_task.setdefault(task.id, (task, job, []))[2].append(item)
+        for task_id, (task, job, items) in per_task.items():
+            if not in_window(settings, job):
+                continue
+            running = [i for i in items if i.status is ItemStatus.RUNNING]
+            sent = aware_utc(task.dispatched_at)
+            if sent is None:
+                if (aware_utc(task.created_at) or now) < now - timedelta(seconds=30):  # not one being sent now
+                    report.redispatched.append(task_id)
+            elif any(reclaimable(i, now, owner) and i.owner != owner for i in running):
+                report.redispatched.append(task_id)
+            elif not running and sent < now - timedelta(seconds=settings.requeue_after):
+                waiting.append((sent, task_id))
+            elif not running and queue_depth == 0 and sent < now - timedelta(seconds=min(settings.requeue_after, 30)):
+                waiting.append((sent, task_id))
+        finished = list(session.scalars(
+            select(Job.id).where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]), ~Job.id.in_(
+                select(JobItem.job_id).where(JobItem.status.in_([ItemStatus.QUEUED, ItemStatus.RUNNING]))
+            ))
+        ))
+        leftover_spools = [(j.id, j.spool_dir) for j in session.scalars(
+            select(Job).where(Job.status == JobStatus.DONE, Job.spool_dir.is_not(None))
+        ) if j.spool_dir and Path(j.spool_dir).exists()]
+    waiting.sort()
+    lost = len(waiting) if queue_depth is None else max(len(waiting) - queue_depth, 0)
+    report.redispatched.extend(task_id for _, task_id in waiting[:lost])
+    dispatch(archive, report.redispatched, dispatcher)
+    report.finalized = [job_id for job_id in finished if finalize_job(archive, job_id)]
+    for _job_id, spool in leftover_spools:
+        shutil.rmtree(spool, ignore_errors=True)
+        report.spools_removed.append(spool)
+    return report
