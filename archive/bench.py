@@ -1,654 +1,360 @@
-"""``medarchive bench lossless``: our lossless codecs next to the plain libraries, and the ingest rate.
+"""``medarchive bench ingest``: the archive's ingest next to a bare Python loop doing the same work.
 
-For a folder of DICOM this measures, per data group (each top-level
-subfolder; ``broken`` is left out; files lying directly in the folder form a
-group named after it) and over all groups together:
+One run measures, on the same files (every file under the folder, as
+``medarchive ingest`` finds them), interleaved and best of ``repeat``:
 
-* for every lossless codec config of :mod:`archive.codecs` -- the archive's
-  own code path, frame container included -- and for the reference rows of
-  ``/work/shared/ANCHORS.md`` computed in the same run by calling the
-  libraries directly (imagecodecs, pyjpegls): mean bits per pixel over images
-  (every frame of a multi-frame object is one image; an image that does not
-  decode bit-exactly is counted as a failure and left out of the mean, as
-  ANCHORS does for pyjpegls), single-thread encode
-  and decode MB/s of the raw pixel bytes (best of ``repeat`` runs per image,
-  capped by a time budget on the slow codecs), and how many encodes failed to
-  decode bit-exactly (reported, never hidden);
-* the end-to-end ingest rate of the whole folder into a temporary archive
-  (SQLite, default codec), through the same service the ``ingest`` command
-  uses.
+* the **reference**: a single-core Python loop -- read and parse each file
+  (``read_instance``), decode its stored pixel frames (``iter_frames``),
+  JPEG-LS encode every frame with the archive's codec, decode it again and
+  compare (``np.array_equal``), sha256 of the encoded bytes, write each result
+  to its own file with fsync. Objects without encodable pixels are hashed and
+  written as read. Files that cannot be read are counted and skipped;
+* ``ingest_paths`` (what ``medarchive ingest`` runs) with ``jobs=1``, into a
+  fresh temporary home, codec JPEG-LS;
+* the same with ``jobs`` = the number of cores (or ``--jobs``).
 
-The reference rows follow ANCHORS: JPEG-LS and JPEG-XL get unsigned samples
-(signed frames with negative values shifted by their minimum), JPEG 2000 and
-JPEG-XL get ``bitspersample = BitsStored``, imagecodecs' JPEG-LS always
-writes P = 16 for 16-bit input, pyjpegls uses the bit length of the maximum.
-
-Pixels are the stored values (``iter_frames``: no rescale, no colour
-conversion); the run also checks they equal pydicom's ``pixel_array``.
-MB = 10^6 bytes.
+Figures are set as ratios to the reference row of the same run: the machine is
+shared and noisy. The stored size of an ingest row is measured after the run,
+with the SQLite WAL checkpointed and the archive closed: content = sum of the
+sizes of the files under the home, allocated = blocks of every file and folder
+(as ``du``). MB = 10^6 bytes.
 """
 
 from __future__ import annotations
 
-import gc
-import math
+import hashlib
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Final
 
-import imagecodecs
-import jpeg_ls
 import numpy as np
-import numpy.typing as npt
+import sqlalchemy as sa
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.engine import URL, make_url
 
-from archive.kinds import StorageMode
-from archive.codecs import decode_frame, get_codec, read_frame_header
-from archive.codecs.base import Codec, dist_version
+from archive.catalog.database import upgrade_schema
+from archive.codecs import decode_frame, get_codec
 from archive.config import Settings
 from archive.dicom.reader import iter_frames, read_instance
-from archive.errors import ArchiveError
+from archive.errors import ArchiveError, NotDicomError
+from archive.kinds import StorageMode
 from archive.services.ingest import Outcome, discover, ingest_paths
 from archive.services.runtime import Archive
 
-Pixels = npt.NDArray[Any]
-
-#: The codec configs benchmarked, in table order.
-CODEC_CONFIGS: Final[tuple[dict[str, Any], ...]] = (
-    {"id": "jpegls"},
-    {"id": "jpeg2000"},
-    {"id": "htj2k"},
-    {"id": "jpegxl", "effort": 7},
-    {"id": "jpegxl", "effort": 3},
-    {"id": "zstd", "level": 19},
-)
-SKIPPED_GROUPS: Final[frozenset[str]] = frozenset({"broken"})
-#: Extra timing passes of one method stop once its measured time would pass this (the first pass always runs).
-TIMING_BUDGET_S: Final[float] = 8.0
 MB: Final[float] = 1e6
-
-#: ANCHORS.md, lossless table: bpp per group folder, and encode / decode MB/s on CT.
-ANCHOR_BPP: Final[dict[str, dict[str, float]]] = {
-    "jpegxl-e7": {"ct-chest-tcia": 4.477, "mr-philips-achieva": 3.256, "mr-siemens-prisma": 10.559, "mr-ge-signa": 5.118},
-    "jpegxl-e3": {"ct-chest-tcia": 4.590, "mr-philips-achieva": 3.678, "mr-siemens-prisma": 10.962, "mr-ge-signa": 5.723},
-    "jpegls-pyjpegls": {"ct-chest-tcia": 4.657, "mr-philips-achieva": 3.437, "mr-siemens-prisma": 10.569,
-                        "mr-ge-signa": 5.223},
-    "jpegls-imagecodecs": {"ct-chest-tcia": 4.706, "mr-philips-achieva": 4.034, "mr-siemens-prisma": 11.042,
-                           "mr-ge-signa": 5.814},
-    "jpeg2000": {"ct-chest-tcia": 4.842, "mr-philips-achieva": 4.372, "mr-siemens-prisma": 11.227, "mr-ge-signa": 5.529},
-    "htj2k": {"ct-chest-tcia": 5.152, "mr-philips-achieva": 4.850, "mr-siemens-prisma": 11.930, "mr-ge-signa": 5.978},
-    "zstd-19": {"ct-chest-tcia": 7.130, "mr-philips-achieva": 5.164, "mr-siemens-prisma": 13.389, "mr-ge-signa": 7.121},
-}
-ANCHOR_CT_MBPS: Final[dict[str, tuple[float, float]]] = {
-    "jpegxl-e7": (4.8, 29), "jpegxl-e3": (44, 56), "jpegls-pyjpegls": (93, 137), "jpegls-imagecodecs": (121, 139),
-    "jpeg2000": (21, 24), "htj2k": (282, 458), "zstd-19": (7.8, 771),
-}
-ANCHOR_GROUP: Final[str] = "ct-chest-tcia"
-SHORT_GROUP_NAMES: Final[dict[str, str]] = {
-    "ct-chest-tcia": "CT", "mr-philips-achieva": "Philips", "mr-siemens-prisma": "Siemens", "mr-ge-signa": "GE",
-    "misc-barre": "misc",
-}
-ALL: Final[str] = "all"
-
-
-# -- images -------------------------------------------------------------------
+#: The codec every row uses (the archive's default).
+CODEC_CONFIG: Final[dict[str, Any]] = {"id": "jpegls"}
+REFERENCE: Final[str] = "reference"
 
 
 @dataclass(frozen=True)
-class Image:
-    """One frame of stored pixel values, and its unsigned mapping for the reference encoders."""
+class TreeSize:
+    """What a folder holds: bytes of its files, and bytes allocated on disk for files and folders."""
 
-    group: str
-    source: str
-    frame: int
-    pixels: Pixels
-    unsigned: Pixels  # the same values as unsigned samples of the same width (see _to_unsigned)
-    offset: int  # pixels = unsigned + offset
-    bits_stored: int  # BitsStored of the instance: the reference encoders' bitspersample, as in ANCHORS
-
-    @property
-    def n_pixels(self) -> int:
-        return int(self.pixels.size // (self.pixels.shape[2] if self.pixels.ndim == 3 else 1))
-
-    @property
-    def n_samples(self) -> int:
-        return int(self.pixels.size)
-
-    @property
-    def raw_bytes(self) -> int:
-        return int(self.pixels.nbytes)
+    content_bytes: int
+    allocated_bytes: int
+    files: int
+    folders: int
 
 
-@dataclass
-class Corpus:
-    groups: dict[str, list[Image]] = field(default_factory=dict)
-    files: int = 0
-    not_benchmarked: list[tuple[str, str]] = field(default_factory=list)  # (file, why)
-    pixel_array_checked: int = 0
-    pixel_array_mismatch: list[str] = field(default_factory=list)
-
-    @property
-    def images(self) -> list[Image]:
-        return [image for images in self.groups.values() for image in images]
-
-
-def _to_unsigned(arr: Pixels) -> tuple[Pixels, int]:
-    """Unsigned samples for JPEG-LS / JPEG-XL: signed frames with negative values are shifted by their minimum
-    (a recorded offset), signed frames without negatives are reinterpreted; unsigned frames are used as they are."""
-    if arr.dtype.kind == "u":
-        return arr, 0
-    unsigned = np.dtype(f"<u{arr.dtype.itemsize}")
-    lo = int(arr.min())
-    if lo >= 0:
-        return arr.astype(unsigned), 0
-    return np.subtract(arr, lo, dtype=np.int64).astype(unsigned), lo
-
-
-def _group_sources(folder: Path) -> list[tuple[str, list[Path]]]:
-    groups: list[tuple[str, list[Path]]] = []
-    loose: list[Path] = []
-    for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            if entry.name not in SKIPPED_GROUPS:
-                groups.append((entry.name, discover([entry])[0]))
-        elif entry.is_file():
-            loose.append(entry)
-    if loose:
-        groups.append((folder.resolve().name or str(folder), loose))
-    return groups
-
-
-def load_corpus(folder: Path) -> Corpus:
-    """Every stored pixel frame of every codec-encodable instance under ``folder``, by group."""
-    corpus = Corpus()
-    for group, paths in _group_sources(folder):
-        images: list[Image] = []
-        for path in paths:
-            corpus.files += 1
-            name = str(path.relative_to(folder))
-            try:
-                parsed = read_instance(path)
-                if parsed.mode is not StorageMode.PIXELS:
-                    corpus.not_benchmarked.append((name, f"{parsed.mode.value}: {parsed.mode_reason}"))
-                    continue
-                frames = [np.ascontiguousarray(f) for f in iter_frames(parsed)]
-            except ArchiveError as exc:  # not DICOM / not archivable: the ingest row reports these
-                corpus.not_benchmarked.append((name, str(exc)))
+def measure_tree(root: Path) -> TreeSize:
+    """Sum ``st_size`` of every file and ``st_blocks * 512`` of every file and folder under ``root`` (``du``)."""
+    content = allocated = files = folders = 0
+    seen: set[tuple[int, int]] = set()
+    for folder, _dirs, names in os.walk(root):
+        entries = [Path(folder)] + [Path(folder) / name for name in names]
+        for index, path in enumerate(entries):
+            st = path.lstat()
+            if (st.st_dev, st.st_ino) in seen:  # a hard link counts once, as in du
                 continue
-            _check_pixel_array(corpus, name, parsed.dataset, frames)
-            assert parsed.layout is not None
-            for index, frame in enumerate(frames):
-                unsigned, offset = _to_unsigned(frame)
-                images.append(Image(group, name, index, frame, np.ascontiguousarray(unsigned), offset,
-                                    parsed.layout.bits_stored))
-        if images:
-            corpus.groups[group] = images
-    return corpus
-
-
-def _check_pixel_array(corpus: Corpus, name: str, dataset: Any, frames: list[Pixels]) -> None:
-    """ANCHORS used pydicom's ``pixel_array``: say whether our frames are the same values."""
-    corpus.pixel_array_checked += 1
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            reference = np.asarray(dataset.pixel_array)
-    except Exception as exc:  # no decoder for this syntax, odd header: reported, not fatal
-        corpus.pixel_array_mismatch.append(f"{name}: pixel_array raised {type(exc).__name__}: {str(exc)[:90]}")
-        return
-    ours = frames[0] if len(frames) == 1 else np.stack(frames)
-    if reference.shape != ours.shape or not np.array_equal(reference.astype(np.int64), ours.astype(np.int64)):
-        corpus.pixel_array_mismatch.append(f"{name}: differs from pixel_array")
-
-
-# -- methods --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Encoded:
-    data: bytes
-    payload_bytes: int  # codestream alone (without our frame container)
-    actual: str  # codec that produced it (a medarchive codec may fall back to zstd)
-
-
-@dataclass(frozen=True)
-class Method:
-    """One table row: how to encode an image, decode the result, and map the decoded samples back."""
-
-    key: str  # ANCHORS key for reference rows; codec label for ours
-    label: str
-    impl: str  # "ours" (archive.codecs) or the library called directly
-    expected: str
-    encode: Callable[[Image], Encoded]
-    decode: Callable[[Encoded, Image], Pixels]
-    restore: Callable[[Pixels, Image], Pixels]
-
-
-def _ours(config: dict[str, Any]) -> Method:
-    codec: Codec = get_codec(config)
-    label = config["id"] + "".join(f" {k[0]}{v}" for k, v in config.items() if k != "id")
-
-    def encode(image: Image) -> Encoded:
-        data = codec.encode(image.pixels)
-        header = read_frame_header(data)
-        return Encoded(data, header.payload_length, header.codec_id)
-
-    def decode(encoded: Encoded, image: Image) -> Pixels:
-        return decode_frame(encoded.data)
-
-    return Method(label, label, "ours", codec.codec_id, encode, decode, lambda arr, image: arr)
-
-
-def _lib(key: str, label: str, impl: str, encode: Callable[[Image], bytes | bytearray],
-         decode: Callable[[bytes, Image], Pixels], *, unsigned: bool) -> Method:
-    def enc(image: Image) -> Encoded:
-        data = bytes(encode(image))
-        return Encoded(data, len(data), key)
-
-    def dec(encoded: Encoded, image: Image) -> Pixels:
-        return decode(encoded.data, image)
-
-    def restore(arr: Pixels, image: Image) -> Pixels:
-        if not unsigned:
-            return arr
-        return np.add(arr, image.offset, dtype=np.int64)
-
-    return Method(key, label, impl, key, enc, dec, restore)
-
-
-def _zstd_decode(data: bytes, image: Image) -> Pixels:
-    return np.frombuffer(imagecodecs.zstd_decode(data), dtype=image.pixels.dtype).reshape(image.pixels.shape)
-
-
-def reference_methods() -> dict[str, Method]:
-    """The ANCHORS reference rows: the libraries called directly, single-threaded."""
-    rows = [
-        _lib("jpegls-imagecodecs", "jpegls", "ic P=16", lambda im: imagecodecs.jpegls_encode(im.unsigned),
-             lambda data, im: imagecodecs.jpegls_decode(data), unsigned=True),
-        _lib("jpegls-pyjpegls", "jpegls", "pyjpegls", lambda im: jpeg_ls.encode_array(im.unsigned),
-             lambda data, im: jpeg_ls.decode(np.frombuffer(data, dtype=np.uint8)), unsigned=True),
-        _lib("jpeg2000", "jpeg2000", "ic", lambda im: imagecodecs.jpeg2k_encode(
-            im.pixels, level=0, codecformat="J2K", reversible=True, bitspersample=im.bits_stored, numthreads=1),
-             lambda data, im: imagecodecs.jpeg2k_decode(data, numthreads=1), unsigned=False),
-        _lib("htj2k", "htj2k", "ic", lambda im: imagecodecs.htj2k_encode(im.pixels, reversible=True),
-             lambda data, im: imagecodecs.htj2k_decode(data), unsigned=False),
-        _lib("jpegxl-e7", "jpegxl e7", "ic", lambda im: imagecodecs.jpegxl_encode(
-            im.unsigned, lossless=True, effort=7, bitspersample=im.bits_stored, numthreads=1),
-             lambda data, im: imagecodecs.jpegxl_decode(data, numthreads=1), unsigned=True),
-        _lib("jpegxl-e3", "jpegxl e3", "ic", lambda im: imagecodecs.jpegxl_encode(
-            im.unsigned, lossless=True, effort=3, bitspersample=im.bits_stored, numthreads=1),
-             lambda data, im: imagecodecs.jpegxl_decode(data, numthreads=1), unsigned=True),
-        _lib("zstd-19", "zstd l19", "ic", lambda im: imagecodecs.zstd_encode(im.pixels.tobytes(), level=19),
-             _zstd_decode, unsigned=False),
-    ]
-    return {m.key: m for m in rows}
-
-
-#: (our codec config, reference rows shown under it)
-_REFERENCE_FOR: Final[dict[str, tuple[str, ...]]] = {
-    "jpegls": ("jpegls-pyjpegls", "jpegls-imagecodecs"),
-    "jpeg2000": ("jpeg2000",),
-    "htj2k": ("htj2k",),
-    "jpegxl e7": ("jpegxl-e7",),
-    "jpegxl e3": ("jpegxl-e3",),
-    "zstd l19": ("zstd-19",),
-}
-
-
-def all_methods() -> list[Method]:
-    """Our codec rows, each followed by its reference rows."""
-    refs = reference_methods()
-    methods: list[Method] = []
-    for config in CODEC_CONFIGS:
-        ours = _ours(config)
-        methods.append(ours)
-        methods.extend(refs[key] for key in _REFERENCE_FOR.get(ours.label, ()))
-    return methods
-
-
-# -- measuring --------------------------------------------------------------------
+            seen.add((st.st_dev, st.st_ino))
+            allocated += st.st_blocks * 512
+            if index == 0:
+                folders += 1
+            else:
+                files += 1
+                content += st.st_size
+    return TreeSize(content, allocated, files, folders)
 
 
 @dataclass
-class Measured:
-    """One method on every image: sizes from the first pass, best times over all passes."""
+class Pass:
+    """One timed pass of one row."""
 
-    method: Method
-    bits: list[float | None]  # compressed bits per image (None: encode raised)
-    payload_bits: list[float | None]
-    encode_s: list[float]
-    decode_s: list[float]
-    failures: list[str] = field(default_factory=list)  # "source#frame: why"
-    failed: set[int] = field(default_factory=set)  # image indices that did not round-trip
-    fallbacks: int = 0
-    passes: int = 0
+    seconds: float
+    instances: int
+    bytes_in: int
+    outcomes: dict[str, int] = field(default_factory=dict)
+    size: TreeSize | None = None
+    mismatches: int = 0
 
 
-def measure(method: Method, images: Sequence[Image], repeat: int) -> Measured:
-    n = len(images)
-    result = Measured(method, [None] * n, [None] * n, [math.inf] * n, [math.inf] * n)
-    encoded: list[Encoded | None] = [None] * n
-    spent = 0.0
-    for attempt in range(max(1, repeat)):
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        pass_start = time.perf_counter()
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def reference_pass(files: Sequence[Path], out_dir: Path) -> Pass:
+    """The bare loop: read, decode pixels, encode, decode and compare, sha256, write with fsync; one core."""
+    codec = get_codec(dict(CODEC_CONFIG))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    instances = bytes_in = mismatches = not_dicom = unreadable = 0
+    started = time.perf_counter()
+    for path in files:
         try:
-            for i, image in enumerate(images):
-                if attempt and encoded[i] is None:
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    enc = method.encode(image)
-                except Exception as exc:  # a library refusing an image is a result, not a crash
-                    result.failures.append(f"{image.source}#{image.frame}: encode raised {type(exc).__name__}: {exc}")
-                    result.failed.add(i)
-                    continue
-                t1 = time.perf_counter()
-                try:
-                    decoded: Pixels | None = method.decode(enc, image)
-                    error = ""
-                except Exception as exc:
-                    decoded, error = None, f"decode raised {type(exc).__name__}: {exc}"
-                t2 = time.perf_counter()
-                result.encode_s[i] = min(result.encode_s[i], t1 - t0)
-                if decoded is not None:
-                    result.decode_s[i] = min(result.decode_s[i], t2 - t1)
-                if attempt == 0:
-                    encoded[i] = enc
-                    result.bits[i] = 8.0 * len(enc.data) / image.n_pixels
-                    result.payload_bits[i] = 8.0 * enc.payload_bytes / image.n_pixels
-                    if enc.actual != method.expected:
-                        result.fallbacks += 1
-                    if decoded is not None:
-                        error = _compare(method.restore(decoded, image), image.pixels)
-                    if error:
-                        result.failures.append(f"{image.source}#{image.frame}: {error}")
-                        result.failed.add(i)
+            parsed = read_instance(path)
+            if parsed.mode is StorageMode.PIXELS:
+                payloads = []
+                for frame in iter_frames(parsed):
+                    data = codec.encode(frame)
+                    if not np.array_equal(decode_frame(data), frame):
+                        mismatches += 1
+                    payloads.append(data)
+            else:  # no pixels to encode (passthrough, whole objects): stored as read
+                payloads = [parsed.source_bytes]
+        except NotDicomError:
+            not_dicom += 1
+            continue
+        except ArchiveError:
+            unreadable += 1
+            continue
+        for data in payloads:
+            _write_synced(out_dir / hashlib.sha256(data).hexdigest(), data)
+        instances += 1
+        bytes_in += len(parsed.source_bytes)
+    seconds = time.perf_counter() - started
+    return Pass(seconds, instances, bytes_in, {"encoded": instances, "not_dicom": not_dicom,
+                                                "unreadable": unreadable}, mismatches=mismatches)
+
+
+def _checkpoint_sqlite(archive: Archive) -> None:
+    connection = archive.engine.raw_connection()
+    try:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        cursor.fetchall()
+        cursor.close()
+    finally:
+        connection.close()
+
+
+def ingest_pass(folder: Path, home: Path, jobs: int, database_url: str | None) -> Pass:
+    """``ingest_paths`` into a fresh ``home`` (catalog on ``database_url``, else the embedded SQLite)."""
+    settings = Settings.load(environ={}, home=home, database_url=database_url)
+    archive = Archive.open(settings)  # the embedded SQLite is created here; a server database was migrated before
+    try:
+        started = time.perf_counter()
+        report = ingest_paths(archive, [folder], codec_config=dict(CODEC_CONFIG), jobs=jobs)
+        seconds = time.perf_counter() - started
+        if settings.is_sqlite:
+            _checkpoint_sqlite(archive)
+    finally:
+        archive.close()
+    return Pass(seconds, report.instances, report.bytes_in, {o.value: report.count(o) for o in Outcome},
+                size=measure_tree(home))
+
+
+def server_url(database_url: str) -> URL:
+    """The parsed ``--database-url``; only PostgreSQL is supported (the default is the embedded SQLite)."""
+    try:
+        url = make_url(database_url)
+    except sa.exc.ArgumentError as exc:
+        raise ArchiveError(f"--database-url: not a database URL: {database_url!r}") from exc
+    if url.get_backend_name() != "postgresql":
+        raise ArchiveError(f"--database-url: only PostgreSQL is supported, not {url.get_backend_name()!r} "
+                           "(without it the catalog is the embedded SQLite)")
+    return url
+
+
+@contextmanager
+def temporary_database(server: URL) -> Iterator[str]:
+    """A fresh PostgreSQL database on ``server``, migrated to head, dropped afterwards; yields its URL."""
+    name = f"medarchive_bench_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        try:
+            url = server.set(database=name).render_as_string(hide_password=False)
+            upgrade_schema(url)
+            yield url
         finally:
-            if gc_was_enabled:
-                gc.enable()
-        result.passes += 1
-        last = time.perf_counter() - pass_start
-        spent += last
-        if spent + last > TIMING_BUDGET_S:
-            break
-    return result
+            with admin.connect() as connection:
+                connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
 
 
-def _compare(decoded: Pixels, original: Pixels) -> str:
-    if decoded.shape != original.shape:
-        return f"decoded shape {decoded.shape} != {original.shape}"
-    if not np.array_equal(decoded.astype(np.int64), original.astype(np.int64)):
-        diff = np.abs(decoded.astype(np.int64) - original.astype(np.int64))
-        return f"not bit-exact: {int(np.count_nonzero(diff))} samples differ, max error {int(diff.max())}"
-    return ""
-
-
-def _mean(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
-
-
-def _rate(images: Sequence[Image], seconds: Sequence[float]) -> float | None:
-    pairs = [(im.raw_bytes, s) for im, s in zip(images, seconds) if math.isfinite(s)]
-    total = sum(s for _, s in pairs)
-    return sum(b for b, _ in pairs) / total / MB if pairs and total > 0 else None
-
-
-def summarise(measured: Measured, images: Sequence[Image], indices: Sequence[int], group: str) -> dict[str, Any]:
-    method = measured.method
-    sub = [images[i] for i in indices]
-    failures = sorted(i for i in indices if i in measured.failed)
-    exact = [i for i in indices if i not in measured.failed]
+def _row(name: str, jobs: int, best: Pass, runs: list[float], reference: Pass | None) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "codec": method.label,
-        "impl": method.impl,
-        "images": len(indices),
-        "encoded": sum(1 for i in indices if measured.bits[i] is not None),
-        "bpp": _mean([measured.bits[i] for i in exact]),  # over images that round-trip bit-exactly
-        "payload_bpp": _mean([measured.payload_bits[i] for i in exact]),
-        "bpp_incl_failures": _mean([measured.bits[i] for i in indices]),
-        "encode_mb_s": _rate(sub, [measured.encode_s[i] for i in indices]),
-        "decode_mb_s": _rate(sub, [measured.decode_s[i] for i in indices]),
-        "roundtrip_failures": len(failures),
-        "fallbacks": measured.fallbacks if group == ALL else None,
-        "timing_passes": measured.passes,
+        "name": name,
+        "jobs": jobs,
+        "instances": best.instances,
+        "seconds": best.seconds,
+        "instances_per_s": best.instances / best.seconds if best.seconds > 0 else None,
+        "bytes_in": best.bytes_in,
+        "mb_per_s": best.bytes_in / best.seconds / MB if best.seconds > 0 else None,
+        "x_reference": None,
+        "content_bytes": best.size.content_bytes if best.size else None,
+        "allocated_bytes": best.size.allocated_bytes if best.size else None,
+        "files_stored": best.size.files if best.size else None,
+        "folders": best.size.folders if best.size else None,
+        "in_per_allocated": None,
+        "in_per_content": None,
+        "outcomes": best.outcomes,
+        "runs_s": runs,
     }
-    if method.impl != "ours":
-        row["anchor_bpp"] = ANCHOR_BPP.get(method.key, {}).get(group)
-        if group == ANCHOR_GROUP and method.key in ANCHOR_CT_MBPS:
-            row["anchor_mb_s"] = list(ANCHOR_CT_MBPS[method.key])
+    if name == REFERENCE:
+        row["roundtrip_mismatches"] = best.mismatches
+    ref_rate = reference.instances / reference.seconds if reference and reference.seconds > 0 else None
+    if ref_rate and row["instances_per_s"] is not None:
+        row["x_reference"] = row["instances_per_s"] / ref_rate
+    if best.size:
+        if best.size.allocated_bytes:
+            row["in_per_allocated"] = best.bytes_in / best.size.allocated_bytes
+        if best.size.content_bytes:
+            row["in_per_content"] = best.bytes_in / best.size.content_bytes
     return row
 
 
-# -- ingest -------------------------------------------------------------------------
-
-
-def measure_ingest(folder: Path) -> dict[str, Any]:
-    """``medarchive ingest FOLDER`` in-process, into a throw-away SQLite archive with the default codec."""
-    with tempfile.TemporaryDirectory(prefix="medarchive-bench-") as home:
-        settings = Settings.load(environ={}, home=Path(home))
-        with Archive.open(settings) as archive:
-            report = ingest_paths(archive, [folder])
-    seconds = report.seconds
-    return {
-        "codec": settings.codec,
-        "database": "sqlite",
-        "files": len(report.outcomes),
-        "instances": report.instances,
-        "outcomes": {o.value: report.count(o) for o in Outcome},
-        "bytes_in": report.bytes_in,
-        "bytes_stored": report.bytes_stored,
-        "ratio": report.ratio,
-        "seconds": seconds,
-        "instances_per_s": report.instances / seconds if seconds else None,
-        "mb_per_s": report.bytes_in / seconds / MB if seconds else None,
-    }
-
-
-# -- machine ------------------------------------------------------------------------
-
-
-def machine_facts() -> dict[str, Any]:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpus": affinity,
-        "cpu_model": model or platform.processor(),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "libraries": {
-            "imagecodecs": str(imagecodecs.__version__),
-            "charls": str(imagecodecs.jpegls_version()),
-            "openjpeg": str(imagecodecs.jpeg2k_version()),
-            "openjph": str(imagecodecs.htj2k_version()),
-            "libjxl": str(imagecodecs.jpegxl_version()),
-            "zstd": str(imagecodecs.zstd_version()),
-            "pyjpegls": dist_version("pyjpegls"),
-            "numpy": np.__version__,
-            "pydicom": dist_version("pydicom"),
-        },
-    }
-
-
-# -- entry point --------------------------------------------------------------------
-
-
-def run_lossless_benchmark(folder: Path, repeat: int = 3, console: Console | None = None) -> dict[str, Any]:
-    """Measure every lossless codec and the reference libraries on ``folder``; print tables when ``console``."""
+def run_ingest_benchmark(
+    folder: Path,
+    *,
+    jobs: int | None = None,
+    repeat: int = 1,
+    database_url: str | None = None,
+    workdir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure the reference loop and ``ingest_paths`` (1 and ``jobs`` processes) on ``folder``; a JSON-able dict."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ArchiveError(f"not a folder: {folder}")
-    started = time.perf_counter()
-    status = console.status("reading images…") if console else None
-    if status:
-        status.start()
-    try:
-        corpus = load_corpus(folder)
-        images = corpus.images
-        measured: list[Measured] = []
-        for method in all_methods():
-            if status:
-                status.update(f"timing {method.label} ({method.impl}) on {len(images)} images…")
-            measured.append(measure(method, images, repeat))
-        if status:
-            status.update("ingesting…")
-        ingest = measure_ingest(folder)
-    finally:
-        if status:
-            status.stop()
+    if repeat < 1 or (jobs is not None and jobs < 1):
+        raise ArchiveError("--repeat and --jobs must be at least 1")
+    if workdir is not None and not Path(workdir).is_dir():
+        raise ArchiveError(f"--workdir: not a folder: {workdir}")
+    server = server_url(database_url) if database_url else None
+    cores = os.cpu_count() or 1
+    parallel = jobs if jobs is not None else cores
+    job_counts = [1] if parallel == 1 else [1, parallel]
+    say = progress or (lambda _message: None)
 
-    index_of: dict[str, list[int]] = {}
-    for i, image in enumerate(images):
-        index_of.setdefault(image.group, []).append(i)
-    group_names = [*corpus.groups, ALL]
-    index_of[ALL] = list(range(len(images)))
-    groups: dict[str, Any] = {}
-    for group in group_names:
-        idx = index_of[group]
-        sub = [images[i] for i in idx]
-        groups[group] = {
-            "images": len(idx),
-            "pixels": sum(im.n_pixels for im in sub),
-            "raw_bytes": sum(im.raw_bytes for im in sub),
-            "shapes": sorted({f"{'×'.join(map(str, im.pixels.shape))} {im.pixels.dtype}" for im in sub}),
-            "rows": [summarise(m, images, idx, group) for m in measured],
-        }
-    result: dict[str, Any] = {
-        "benchmark": "lossless",
+    files, _hidden = discover([folder])
+    input_bytes = 0
+    for path in files:  # warm the page cache: every row then reads the files from memory alike
+        input_bytes += len(path.read_bytes())
+
+    plan = [(REFERENCE, 1), *((f"ingest jobs={n}", n) for n in job_counts)]  # (row, processes)
+    best: dict[str, Pass] = {}
+    runs: dict[str, list[float]] = {name: [] for name, _n in plan}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="medarchive-bench-", dir=workdir) as tmp:
+        reference_pass(files[:3], Path(tmp) / "warm-up")  # libraries loaded before any clock runs
+        for attempt in range(repeat):
+            for name, n in plan:
+                say(f"run {attempt + 1}/{repeat}: {name} on {len(files)} files")
+                target = Path(tmp) / f"{name.replace(' ', '-').replace('=', '')}-{attempt}"
+                if name == REFERENCE:
+                    result = reference_pass(files, target)
+                else:
+                    with temporary_database(server) if server else nullcontext(None) as url:
+                        result = ingest_pass(folder, target, n, url)
+                shutil.rmtree(target, ignore_errors=True)
+                runs[name].append(result.seconds)
+                if name not in best or result.seconds < best[name].seconds:
+                    best[name] = result
+
+    reference = best[REFERENCE]
+    rows = [_row(name, n, best[name], runs[name], reference) for name, n in plan]
+    notes = [
+        "reference: one core; read_instance + iter_frames, JPEG-LS encode, decode + np.array_equal, sha256, "
+        "one file per encoded frame written with fsync; objects without encodable pixels written as read; "
+        "instances = files read, MB/s of their bytes",
+        "ingest: ingest_paths into a fresh temporary home; instances = stored + conflicts, MB/s of their source bytes",
+        "content = sum of file sizes under the home; allocated = blocks of every file and folder (du); "
+        "measured after the run with the archive closed (SQLite: WAL checkpointed first)",
+    ]
+    if server:
+        notes.append("catalog on PostgreSQL (a fresh database per run, dropped afterwards): "
+                     "content and allocated bytes count the home only, not the database")
+    return {
+        "benchmark": "ingest",
         "folder": str(folder.resolve()),
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "codec": dict(CODEC_CONFIG),
+        "database": server.render_as_string(hide_password=True) if server else "sqlite (embedded)",
+        "workdir": str(Path(workdir or tempfile.gettempdir()).resolve()),
         "repeat": repeat,
-        "timing_budget_s": TIMING_BUDGET_S,
-        "machine": machine_facts(),
-        "files": corpus.files,
-        "not_benchmarked": [{"file": f, "why": why} for f, why in corpus.not_benchmarked],
-        "pixel_array_check": {"instances": corpus.pixel_array_checked, "mismatches": corpus.pixel_array_mismatch},
-        "groups": groups,
-        "failures": {f"{m.method.label} ({m.method.impl})": m.failures for m in measured if m.failures},
-        "ingest": ingest,
+        "cores": cores,
+        "machine": {"cpu_model": _cpu_model(), "python": sys.version.split()[0], "platform": platform.platform()},
+        "files": len(files),
+        "input_bytes": input_bytes,
+        "rows": rows,
+        "notes": notes,
         "seconds": time.perf_counter() - started,
     }
-    if console:
-        print_report(result, console)
-    return result
 
 
-# -- presentation ---------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
-def _f(value: Any, digits: int = 3) -> str:
+def _num(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _rate_text(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+def _mb(value: int | None) -> str:
+    return "-" if value is None else f"{value / MB:.2f}"
 
 
-def _short(group: str) -> str:
-    return SHORT_GROUP_NAMES.get(group, group[:10])
-
-
-def print_report(result: dict[str, Any], console: Console) -> None:
-    machine = result["machine"]
-    libs = machine["libraries"]
-    console.print(f"[bold]Lossless benchmark[/bold] of {result['folder']}  ({result['when']})")
-    console.print(f"{machine['cpus']} CPU(s), {machine['cpu_model']}; Python {machine['python']}; "
-                  f"imagecodecs {libs['imagecodecs']} ({libs['charls']}, {libs['openjpeg']}, {libs['openjph']}, "
-                  f"{libs['libjxl']}, {libs['zstd']}), pyjpegls {libs['pyjpegls']}")
-    console.print("Single-threaded. bpp = compressed bits / pixels, mean over the images (frames) that round-trip "
-                  "bit-exactly (fails = images that did not, left out of bpp); ours = archive.codecs "
-                  "with its frame container, payload = codestream alone; MB/s of raw pixel bytes, best of "
-                  f"{result['repeat']} runs per image (fewer for slow codecs: see JSON timing_passes); "
-                  "ANCHORS = ANCHORS.md figure for the reference row (CT: bpp enc/dec MB/s).")
-    for group, data in result["groups"].items():
-        title = (f"{'All groups' if group == ALL else group}: {data['images']} images, "
-                 f"{data['raw_bytes'] / MB:.1f} MB raw ({', '.join(data['shapes'])})")
-        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-        for name, justify in (("codec", "left"), ("by", "left"), ("bpp", "right"), ("payload", "right"),
-                              ("ANCHORS", "right"), ("enc MB/s", "right"), ("dec MB/s", "right"), ("fails", "right")):
-            table.add_column(name, justify=justify)  # type: ignore[arg-type]
-        previous = ""
-        for row in data["rows"]:
-            anchor = _f(row.get("anchor_bpp")) if row.get("anchor_bpp") is not None else ""
-            if row.get("anchor_mb_s"):
-                enc, dec = row["anchor_mb_s"]
-                anchor += f" {enc:g}/{dec:g}"
-            fails = str(row["roundtrip_failures"])
-            if row["encoded"] < row["images"]:
-                fails += f" ({row['images'] - row['encoded']} raised)"
-            if row.get("fallbacks"):
-                fails += f" fb{row['fallbacks']}"
-            ours = row["impl"] == "ours"
-            table.add_row(
-                row["codec"] if row["codec"] != previous else "", row["impl"],
-                f"[bold]{_f(row['bpp'])}[/bold]" if ours else _f(row["bpp"]),
-                _f(row["payload_bpp"]) if ours else "", anchor,
-                _rate_text(row["encode_mb_s"]), _rate_text(row["decode_mb_s"]),
-                f"[red]{fails}[/red]" if row["roundtrip_failures"] else fails,
-                end_section=False,
-            )
-            previous = row["codec"]
-        console.print(table)
-
-    summary = Table(title="bpp by group (mean over images)", title_justify="left", box=box.SIMPLE_HEAD,
-                    pad_edge=False)
-    summary.add_column("codec")
-    summary.add_column("by")
-    for group in result["groups"]:
-        summary.add_column(_short(group), justify="right")
-    first_group = next(iter(result["groups"].values()))
-    for r, row in enumerate(first_group["rows"]):
-        cells = [_f(result["groups"][g]["rows"][r]["bpp"]) for g in result["groups"]]
-        summary.add_row(row["codec"], row["impl"], *cells)
-    console.print(summary)
-
-    if result["failures"]:
-        console.print("[bold red]Round-trip failures[/bold red] (encoded, decoded, not bit-exact or raised):")
-        for name, lines in result["failures"].items():
-            console.print(f"  {name}: {len(lines)}")
-            for line in lines[:6]:
-                console.print(f"    {line}", markup=False)
-            if len(lines) > 6:
-                console.print(f"    … {len(lines) - 6} more (JSON)")
-    check = result["pixel_array_check"]
-    console.print(f"Pixels: {check['instances']} instances read, "
-                  f"{check['instances'] - len(check['mismatches'])} identical to pydicom pixel_array"
-                  + (f"; {'; '.join(check['mismatches'])}" if check["mismatches"] else ""))
-    if result["not_benchmarked"]:
-        console.print("Not in the codec tables: " + "; ".join(f"{n['file']} ({n['why']})"
-                                                              for n in result["not_benchmarked"]), markup=False)
-
-    ingest = result["ingest"]
-    table = Table(title=f"End-to-end ingest of {result['folder']} (SQLite, temporary home, codec "
-                        f"{ingest['codec']['id']})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for name in ("files", "instances", "seconds", "inst/s", "MB/s", "bytes in", "stored", "ratio"):
-        table.add_column(name, justify="right")
-    table.add_row(str(ingest["files"]), str(ingest["instances"]), f"{ingest['seconds']:.2f}",
-                  _rate_text(ingest["instances_per_s"]), _rate_text(ingest["mb_per_s"]),
-                  f"{ingest['bytes_in'] / MB:.2f} MB", f"{ingest['bytes_stored'] / MB:.2f} MB", f"{ingest['ratio']:.2f}")
+def print_ingest_benchmark(result: dict[str, Any], console: Console) -> None:
+    """The result as a table, ratios to the reference row, and what each row means."""
+    console.print(f"[bold]Ingest benchmark[/bold] of {result['folder']} ({result['files']} files, "
+                  f"{result['input_bytes'] / MB:.2f} MB)  {result['when']}")
+    console.print(f"{result['cores']} core(s), {result['machine']['cpu_model']}; Python {result['machine']['python']}; "
+                  f"codec {result['codec']['id']}; catalog {result['database']}; best of {result['repeat']}; "
+                  f"temporary files under {result['workdir']}")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("row", no_wrap=True)
+    for column in ("inst", "s", "inst/s", "MB/s", "× ref", "content\nMB", "alloc\nMB", "in /\nalloc",
+                   "in /\ncontent"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in result["rows"]:
+        table.add_row(row["name"], str(row["instances"]), f"{row['seconds']:.2f}", _num(row["instances_per_s"], 1),
+                      _num(row["mb_per_s"]), _num(row["x_reference"]), _mb(row["content_bytes"]),
+                      _mb(row["allocated_bytes"]), _num(row["in_per_allocated"]), _num(row["in_per_content"]))
     console.print(table)
-    console.print("outcomes: " + ", ".join(f"{k} {v}" for k, v in ingest["outcomes"].items()))
-    console.print(f"benchmark took {result['seconds']:.0f} s")
+    for row in result["rows"]:
+        outcomes = ", ".join(f"{k} {v}" for k, v in row["outcomes"].items())
+        extra = f"; round-trip mismatches {row['roundtrip_mismatches']}" if "roundtrip_mismatches" in row else ""
+        if row["files_stored"] is not None:
+            extra += f"; home holds {row['files_stored']} files in {row['folders']} folders"
+        console.print(f"{row['name']}: {outcomes}{extra}; runs " + ", ".join(f"{s:.2f}" for s in row["runs_s"]) + " s",
+                      markup=False)
+    for note in result["notes"]:
+        console.print(f"• {note}", markup=False)

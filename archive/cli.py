@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from archive.config import Settings
+from archive.config import Settings, parse_codec_spec
 from archive.errors import ArchiveError
 from archive.services import jobs, query, sweeps
 from archive.services.ingest import FileOutcome, IngestReport, Outcome, ingest_paths
@@ -94,20 +94,19 @@ def run_ingest(archive: Archive, paths: list[Path], codec: dict[str, Any] | None
 @app.command()
 def ingest(
     paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders (read recursively, never modified).")],
-    codec: Annotated[Optional[str], typer.Option(help='Codec config as JSON, e.g. \'{"id": "jpegxl", "effort": 7}\'.')] = None,
+    codec: Annotated[Optional[str], typer.Option(help='A codec id (jpegxl) or a codec config as JSON, e.g. '
+                                                 '\'{"id": "jpegxl", "effort": 7}\'.')] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Queue through the broker for the workers; show progress "
                                        "until archived.")] = False,
     timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
     """Archive DICOM files; exits 1 when anything was quarantined."""
-    codec_config = json.loads(codec) if codec else None
-    if codec and not codec.lstrip().startswith("{"):
-        codec_config = {"id": codec}
+    codec_config = parse_codec_spec(codec, source="--codec") if codec is not None else None
     if wait:
         if codec_config:
             raise ArchiveError("--codec applies to direct ingest; queued ingest uses the configured codec")
-        from workers.tasks import dispatch_task
+        from workers.service import dispatch_task
 
         with _open() as archive:
             job_ids, skipped = jobs.submit_paths(archive, paths, dispatch_task)
@@ -252,25 +251,42 @@ def quarantine_list(as_json: Annotated[bool, typer.Option("--json")] = False) ->
 
 
 @db_app.command("upgrade")
-def db_upgrade(revision: str = "head") -> None:
-    """Create or migrate the catalog schema (Alembic)."""
-    settings = Settings.load()
-    Archive.open(settings, migrate=True).close()
-    console.print(f"catalog at {settings.database_url.split('@')[-1]} is at revision {revision}")
-
-
-@bench_app.command("lossless")
-def bench_lossless(
-    folder: Path,
-    repeat: Annotated[int, typer.Option(help="Timing repetitions per image (best is kept).")] = 3,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Alembic revision to reach (see migrations/versions).")] = "head",
 ) -> None:
-    """Bits per pixel and single-thread MB/s of every lossless codec, and the end-to-end ingest rate."""
-    from archive.bench import run_lossless_benchmark
+    """Create or migrate the catalog schema (Alembic) up to REVISION (default: the newest)."""
+    from archive.catalog.database import current_revision, upgrade_schema
 
-    result = run_lossless_benchmark(folder, repeat=repeat, console=None if as_json else console)
+    settings = Settings.load()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade_schema(settings.database_url, revision)
+    reached = current_revision(settings.database_url)
+    console.print(f"catalog at {settings.database_url.split('@')[-1]} is at revision {reached or 'none'}")
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    folder: Annotated[Path, typer.Argument(help="Folder of DICOM files (read recursively, never modified).")],
+    jobs: Annotated[Optional[int], typer.Option("--jobs", min=1, help="Processes of the parallel ingest row "
+                                                "(default: the number of cores).")] = None,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Runs of every row; the fastest is kept.")] = 1,
+    database_url: Annotated[Optional[str], typer.Option("--database-url", help="A PostgreSQL server URL: the "
+                                                        "catalog goes to a fresh temporary database per run "
+                                                        "instead of the embedded SQLite.")] = None,
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where the temporary homes go (default: "
+                                                    "the system's temporary folder).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")] = False,
+) -> None:
+    """Ingest rate and stored size, next to a bare single-core loop doing the same codec work, in one run."""
+    from archive.bench import print_ingest_benchmark, run_ingest_benchmark
+
+    options: dict[str, Any] = dict(jobs=jobs, repeat=repeat, database_url=database_url, workdir=workdir)
     if as_json:
-        console.print_json(json.dumps(result))
+        console.print_json(json.dumps(run_ingest_benchmark(folder, **options)))
+        return
+    with err_console.status("benchmark…") as status:
+        result = run_ingest_benchmark(folder, progress=status.update, **options)
+    print_ingest_benchmark(result, console)
 
 
 @app.command()
@@ -307,7 +323,7 @@ def watch(
     import threading
 
     from archive.watcher import InboxWatcher
-    from workers.tasks import dispatch_task
+    from workers.service import dispatch_task
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s watcher %(levelname)s %(message)s")
     stop = threading.Event()
@@ -328,7 +344,7 @@ def worker(
 ) -> None:
     """Start one Celery worker (production: one per container, scale the service)."""
     Settings.load().home.mkdir(parents=True, exist_ok=True)  # the embedded broker lives there
-    from workers.app import app as celery_app
+    from workers.service import celery_app
 
     celery_app.worker_main(["worker", "--concurrency", str(concurrency), "--hostname", name,
                             "--loglevel", loglevel, "--queues", celery_app.conf.task_default_queue])
@@ -338,7 +354,7 @@ def worker(
 def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
     """Start Celery beat: reconciler, re-compression policies, verify and GC on their schedules."""
     Settings.load().home.mkdir(parents=True, exist_ok=True)
-    from workers.app import app as celery_app
+    from workers.service import celery_app
 
     celery_app.start(["beat", "--loglevel", loglevel, "--schedule", celery_app.conf.beat_schedule_filename])
 
@@ -351,7 +367,7 @@ def run(
     poll: Annotated[bool, typer.Option("--poll")] = False,
 ) -> None:
     """Watcher + worker(s) + beat as child processes (the embedded default: no servers); Ctrl-C stops all."""
-    from workers.supervisor import run_all
+    from workers.service import run_all
 
     Archive.open(Settings.load()).close()  # create or migrate the embedded catalog once, before the children
     raise typer.Exit(run_all(inbox, workers=workers, concurrency=concurrency, poll=poll, console=err_console))
@@ -385,7 +401,7 @@ def jobs_command(
 @app.command()
 def reconcile() -> None:
     """Re-send unfinished work that no live task holds, and close finished jobs (beat runs this too)."""
-    from workers.tasks import dispatch_task, queue_depth
+    from workers.service import dispatch_task, queue_depth
 
     with _open() as archive:
         report = jobs.reconcile(archive, dispatch_task, queue_depth=queue_depth())
@@ -411,7 +427,7 @@ def recompress(
             console.print_json(json.dumps(result.as_dict()))
             return
         if queue:
-            from workers.tasks import dispatch_task as dispatcher
+            from workers.service import dispatch_task as dispatcher
         else:
             def dispatcher(task_id: int) -> str:
                 jobs.run_task(archive, task_id)

@@ -31,6 +31,7 @@ from datetime import time as clock_time
 from pathlib import Path
 from typing import Any, Mapping
 
+from archive.clock import local_time_now
 from archive.errors import ConfigError
 
 DEFAULT_HOME = "./medarchive-data"
@@ -67,11 +68,14 @@ class RecompressPolicy:
             raise ConfigError(f"policy {self.name}: window must look like 01:00-05:00, not {self.window!r}") from exc
         return start, end
 
-    def in_window(self, now: clock_time) -> bool:
+    def in_window(self, now: clock_time | None = None) -> bool:
+        """Whether ``now`` (default: the local time of day) falls in the window; no window is always open."""
         bounds = self.window_bounds()
         if bounds is None:
             return True
         start, end = bounds
+        if now is None:
+            now = local_time_now()
         return start <= now < end if start <= end else (now >= start or now < end)
 
 
@@ -222,19 +226,35 @@ def _policies(table: Mapping[str, Any]) -> dict[str, RecompressPolicy]:
     return policies
 
 
+def parse_codec_spec(text: str, *, source: str = "codec") -> dict[str, Any]:
+    """A codec configuration from text: a JSON object (``{"id": "jpegxl", "effort": 7}``) or a bare id (``jpegxl``).
+
+    ``source`` names where the text came from (``--codec``, ``MEDARCHIVE_CODEC``) in the
+    :class:`ConfigError` raised for empty text, bad JSON, or JSON that is not an object.
+    """
+    stripped = text.strip()
+    if not stripped:
+        raise ConfigError(f"{source} is empty: give a codec id (e.g. jpegxl) or a JSON object")
+    if stripped[0] in "{[\"" or stripped[0].isdigit():
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source} is not valid JSON ({exc}): {text!r}") from exc
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source} must be a JSON object or a codec id, not {text!r}")
+        if not isinstance(value.get("id"), str) or not value["id"].strip():
+            raise ConfigError(f"{source} needs a codec 'id', e.g. {{\"id\": \"jpegxl\"}}: {text!r}")
+        return value
+    if any(c.isspace() for c in stripped):
+        raise ConfigError(f"{source} must be a JSON object or a codec id, not {text!r}")
+    return {"id": stripped}
+
+
 def _codec_from_env(env: Mapping[str, str]) -> dict[str, Any] | None:
     raw = env.get("MEDARCHIVE_CODEC")
     if not raw:
         return None
-    if raw.lstrip().startswith("{"):
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"MEDARCHIVE_CODEC is not valid JSON: {exc}") from exc
-        if not isinstance(value, dict):
-            raise ConfigError("MEDARCHIVE_CODEC must be a JSON object or a codec id")
-        return value
-    return {"id": raw.strip()}
+    return parse_codec_spec(raw, source="MEDARCHIVE_CODEC")
 
 
 def _read_toml(explicit: str | None, home: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from archive.services.runtime import Archive
 
 log = logging.getLogger(__name__)
 IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini"})
+RECENT_JOBS = 100  # spooled job ids a watcher remembers (the catalog keeps them all)
 
 
 def is_ignored(name: str) -> bool:
@@ -76,6 +78,7 @@ class InboxWatcher:
         rescan_interval: float | None = None,
         poll: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        recent_jobs: int = RECENT_JOBS,
     ) -> None:
         settings = archive.settings
         self.archive = archive
@@ -89,7 +92,9 @@ class InboxWatcher:
         self.pending: dict[Path, _Pending] = {}
         self.arriving: dict[str, _Arriving] = {}
         self.events: queue.SimpleQueue[Path] = queue.SimpleQueue()
-        self.spooled_jobs: list[int] = []
+        # the latest jobs this watcher spooled, newest last; bounded so a watcher running for months does not
+        # grow (the catalog holds every job: ``medarchive jobs``)
+        self.spooled_jobs: deque[int] = deque(maxlen=recent_jobs)
         self._own = tuple(p.absolute() for p in (settings.spool_dir, settings.blob_dir, settings.quarantine_dir))
 
     # -- observing files

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Lossless benchmark: medarchive's codecs next to the plain libraries (ANCHORS.md), plus the ingest rate.
 #
-#   benchmarks/run_lossless.sh [DATA_DIR] [extra `bench lossless` options, e.g. --repeat 5]
+#   benchmarks/run_lossless.sh [DATA_DIR] [extra lossless_bench.py options, e.g. --repeat 5]
 #
-# DATA_DIR defaults to ../shared/data (relative to the repository root). Runs the benchmark ONCE with
-# --json, keeps the JSON and prints the tables rendered from it (also kept as .txt). Results go to
-# benchmarks/results/, which is git-ignored by a .gitignore this script writes inside it: they are
-# machine-specific and never committed.
+# DATA_DIR defaults to ../shared/data (relative to the repository root). Runs benchmarks/lossless_bench.py ONCE
+# with --json, keeps the JSON and prints the tables rendered from it (also kept as .txt). The reference figures
+# come from benchmarks/anchors.toml. Results go to benchmarks/results/, which is git-ignored by a .gitignore this
+# script writes inside it: they are machine-specific and never committed.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,11 +14,9 @@ cd "$root"
 data="${1:-../shared/data}"
 shift || true
 
-if [[ -x .venv/bin/medarchive ]]; then
-    medarchive=.venv/bin/medarchive
+if [[ -x .venv/bin/python ]]; then
     python=.venv/bin/python
 else
-    medarchive=medarchive
     python=python3
 fi
 
@@ -30,16 +28,6 @@ stamp="$(date -u +%Y%m%dT%H%M%SZ)"
 json="$results/lossless-$stamp.json"
 text="$results/lossless-$stamp.txt"
 
-"$medarchive" bench lossless "$data" --json "$@" > "$json"
-COLUMNS="${COLUMNS:-100}" "$python" - "$json" <<'PY' | tee "$text"
-import json
-import sys
-
-from rich.console import Console
-
-from archive.bench import print_report
-
-with open(sys.argv[1], encoding="utf-8") as handle:
-    print_report(json.load(handle), Console(width=int(__import__("os").environ["COLUMNS"])))
-PY
+"$python" benchmarks/lossless_bench.py "$data" --json "$@" > "$json"
+COLUMNS="${COLUMNS:-100}" "$python" benchmarks/lossless_bench.py --render "$json" | tee "$text"
 echo "results: $json and $text" >&2

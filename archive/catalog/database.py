@@ -7,8 +7,12 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+
+from archive.errors import ConfigError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -45,5 +49,21 @@ def alembic_config(database_url: str) -> AlembicConfig:
 
 
 def upgrade_schema(database_url: str, revision: str = "head") -> None:
-    """Bring the catalog to ``revision`` (``medarchive db upgrade``; also run on first use)."""
-    command.upgrade(alembic_config(database_url), revision)
+    """Bring the catalog to ``revision`` (``medarchive db upgrade``; also run on first use).
+
+    An unknown revision, or one behind the catalog's, is a :class:`ConfigError`.
+    """
+    try:
+        command.upgrade(alembic_config(database_url), revision)
+    except CommandError as exc:
+        raise ConfigError(f"cannot upgrade the catalog to revision {revision!r}: {exc}") from exc
+
+
+def current_revision(database_url: str) -> str | None:
+    """The schema revision the catalog is at, read from its ``alembic_version`` table (None: no schema)."""
+    engine = create_engine_for(database_url)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    finally:
+        engine.dispose()

@@ -165,6 +165,8 @@ class Instance(Base):
     header_sha256: Mapped[str] = mapped_column(String(64))
     pixel_sha256: Mapped[str | None] = mapped_column(String(64))
     header_blob: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
+    # the zstd dictionary the header blob was compressed with (a blob too: GC and verify follow it)
+    header_dictionary: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), index=True)
     assigned_uids: Mapped[dict[str, Any] | None]  # UIDs medarchive had to create (ACR-NEMA files)
     source_path: Mapped[str | None] = mapped_column(Text)
     source_size: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -297,6 +299,27 @@ class JobItem(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     task: Mapped[JobTask] = relationship(back_populates="items")
+
+
+class HeaderDictionary(Base):
+    """A zstd dictionary trained on archived headers of one modality and manufacturer.
+
+    Headers of a kind repeat most of their bytes (private groups, protocol
+    text); compressed with a dictionary of their kind, small MR headers shrink
+    severalfold. The dictionary is a content-addressed blob; an instance
+    records the one its header needs, so old headers keep decoding whatever
+    is trained later.
+    """
+
+    __tablename__ = "header_dictionaries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), index=True)  # "MODALITY|Manufacturer"
+    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), unique=True)
+    samples: Mapped[int] = mapped_column(default=0)
+    bytes_plain: Mapped[int] = mapped_column(BigInteger, default=0)  # the samples zstd-compressed without it
+    bytes_with: Mapped[int] = mapped_column(BigInteger, default=0)  # with it (the dictionary not counted)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class QuarantineEntry(Base):

@@ -33,7 +33,8 @@ from archive.services.deadlines import fault_point, instance_deadline
 from archive.services.failures import is_transient
 from archive.services.job_kinds import handler_for, in_window, item_result
 from archive.services.leases import claim_item, finish_item, lease_seconds, process_owner, reclaimable, release_claims
-from archive.services.outcomes import FileOutcome
+from archive.services.header_dictionaries import SampleCollector
+from archive.services.outcomes import FileOutcome, Outcome
 from archive.services.quarantine import quarantine_file, quarantine_unless_kept
 from archive.services.reconcile import finalize_job
 from archive.services.recording import commit_staged_batch
@@ -176,6 +177,9 @@ def _run_batch(archive: Archive, task_id: int, owner: str, report: TaskReport, p
             still_open = bool(uow.session.scalar(select(JobItem.id).where(
                 JobItem.job_id == job_id, JobItem.status.not_in(FINAL_ITEM_STATUSES)).limit(1)))
             uow.commit()
+        samples = SampleCollector()  # a chunk of one kind of headers may teach a dictionary for the next ones
+        samples.add(r for (_, r), (o, _s) in zip(to_commit, committed) if o.outcome is not Outcome.DUPLICATE)
+        samples.train_ready(archive)
         return still_open
     except Exception as exc:
         if is_transient(exc):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from collections import deque
+from multiprocessing.pool import AsyncResult
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from archive.config import Settings
 from archive.kinds import JobKind
 from archive.services.discovery import discover, is_hidden_or_temporary
 from archive.services.encoding import encode_frames, pixel_hash
+from archive.services.header_dictionaries import SampleCollector
 from archive.services.outcomes import TRANSIENT_ERRNOS, FileOutcome, IngestReport, Outcome
 from archive.services.quarantine import quarantine_file
 from archive.services.recording import commit_staged, commit_staged_batch
@@ -36,6 +39,7 @@ __all__ = [
 ]
 
 COMMIT_BATCH = 200  # most instances in one catalog transaction
+LOOKAHEAD_PER_JOB = 4  # files staged ahead of the writer, per staging process
 FLUSH_SECONDS = 1.0  # at a series boundary, commit what is pending once it has waited this long
 
 
@@ -103,6 +107,7 @@ class _BatchWriter:
         self.pending: list[StagedInstance] = []
         self.touched: set[int] = set()
         self.flushed = time.monotonic()
+        self.samples = SampleCollector()
 
     def add(self, result: StagedInstance | FileOutcome) -> None:
         if isinstance(result, FileOutcome):
@@ -112,6 +117,8 @@ class _BatchWriter:
                 self.pending[-1].series_uid != result.series_uid and time.monotonic() - self.flushed > FLUSH_SECONDS)):
             self.flush()
         self.pending.append(result)
+        self.samples.add([result])  # headers read so far teach a dictionary for the ones still to come
+        self.samples.train_ready(self.archive)
 
     def flush(self) -> None:
         self.flushed = time.monotonic()
@@ -145,7 +152,15 @@ def _stage_all(
     # fork: the children share what this process imported; each opens its own engine and pack
     context = multiprocessing.get_context("fork")
     with context.Pool(jobs, initializer=_start_stager, initargs=(archive, codec.get_config(), job_id)) as pool:
-        yield from pool.imap(_stage_one, [str(p) for p in files], chunksize=1)
+        # a bounded window of files in flight: results come back in order, and staging never runs so far
+        # ahead that what the writer learns (a header dictionary) comes too late for the files that follow
+        in_flight: deque[AsyncResult[StagedInstance | FileOutcome]] = deque()
+        for path in files:
+            in_flight.append(pool.apply_async(_stage_one, (str(path),)))
+            if len(in_flight) >= LOOKAHEAD_PER_JOB * jobs:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
 
 
 _stager: tuple[Archive, Codec, int | None] | None = None
@@ -155,7 +170,9 @@ def _start_stager(parent: Archive, codec_config: dict[str, Any], job_id: int | N
     global _stager
     parent.engine.dispose(close=False)  # the parent's connections stay the parent's
     settings: Settings = parent.settings
-    _stager = (Archive.open(settings, migrate=False), get_codec(codec_config), job_id)
+    archive = Archive.open(settings, migrate=False)
+    archive.headers.refresh_seconds = 0.0  # the writer may train a dictionary any moment: look before each header
+    _stager = (archive, get_codec(codec_config), job_id)
 
 
 def _stage_one(path: str) -> StagedInstance | FileOutcome:

@@ -19,10 +19,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, delete, exists, func, select, union_all, update
+from sqlalchemy import Select, delete, exists, func, null, select, union_all, update
 from sqlalchemy.orm import Session
 
-from archive.catalog.models import Blob, EncodedFrame, Encoding, Instance, Series, Study
+from archive.catalog.models import Blob, EncodedFrame, Encoding, HeaderDictionary, Instance, Series, Study
 from archive.errors import BlobCorruptError, BlobNotFoundError, NotFoundError
 from archive.services.blobs import blob_refs
 from archive.services.runtime import Archive
@@ -159,16 +159,24 @@ def verify_blobs(
 
 
 def _references(study_id: int | None) -> Select[tuple[str, int]]:
-    """(digest, instance id) for every blob reference: encoded frames and header blobs."""
+    """(digest, instance id) for every blob reference: encoded frames, header blobs, header dictionaries.
+
+    A dictionary no instance uses yet is listed with instance id NULL (whole-archive runs only).
+    """
     frames = select(EncodedFrame.blob_sha256.label("digest"), Encoding.instance_id.label("instance_id")).join(
         Encoding, Encoding.id == EncodedFrame.encoding_id
     )
     headers = select(Instance.header_blob.label("digest"), Instance.id.label("instance_id"))
+    dictionaries = select(Instance.header_dictionary.label("digest"), Instance.id.label("instance_id")).where(
+        Instance.header_dictionary.is_not(None))
     if study_id is not None:
         in_study = select(Instance.id).join(Series, Series.id == Instance.series_id).where(Series.study_id == study_id)
         frames = frames.where(Encoding.instance_id.in_(in_study))
         headers = headers.where(Instance.id.in_(in_study))
-    return select(union_all(frames, headers).subquery())
+        dictionaries = dictionaries.where(Instance.id.in_(in_study))
+        return select(union_all(frames, headers, dictionaries).subquery())
+    trained = select(HeaderDictionary.blob_sha256.label("digest"), null().label("instance_id"))
+    return select(union_all(frames, headers, dictionaries, trained).subquery())
 
 
 def _attribute(session: Session, bad: dict[str, str], study_id: int | None) -> list[BlobProblem]:
@@ -204,6 +212,8 @@ def collect_garbage(
         (Blob.created_at <= cutoff)
         & ~exists().where(EncodedFrame.blob_sha256 == Blob.sha256)
         & ~exists().where(Instance.header_blob == Blob.sha256)
+        & ~exists().where(Instance.header_dictionary == Blob.sha256)
+        & ~exists().where(HeaderDictionary.blob_sha256 == Blob.sha256)
     )
     with archive.unit_of_work() as uow:
         if dry_run:
@@ -246,18 +256,24 @@ def collect_garbage(
             report.orphan_files += 1
             report.orphan_bytes += freed
             report.deleted.append(digest)
-    compact_packs(archive, report, cutoff_ts, dry_run=dry_run)
+    # a dry run deleted no rows: its compaction estimate must not count the packed ones it would delete as live
+    doomed = {digest for digest, _, pack in rows if pack is not None} if dry_run else set()
+    compact_packs(archive, report, cutoff_ts, dry_run=dry_run, unreferenced=doomed)
     return report
 
 
-def compact_packs(archive: Archive, report: GcReport, cutoff_ts: float, *, dry_run: bool = False) -> None:
+def compact_packs(
+    archive: Archive, report: GcReport, cutoff_ts: float, *, dry_run: bool = False,
+    unreferenced: set[str] | frozenset[str] = frozenset(),
+) -> None:
     """Give back the space of dead records: copy a sealed pack's live blobs to a new pack, retire the old one.
 
     Only packs no process appends to (no flock) and not modified since the
     cutoff are touched. Rows are moved with a compare-and-set on the old
     location, after the copies are durable; the old pack is set aside, and
     deleted by a run after the grace period, so a reader holding its old
-    location still reads it meanwhile.
+    location still reads it meanwhile. ``unreferenced``: digests whose rows
+    a dry run would have deleted, not counted as live.
     """
     packs = archive.store.packs
     if not dry_run:
@@ -270,7 +286,8 @@ def compact_packs(archive: Archive, report: GcReport, cutoff_ts: float, *, dry_r
                 continue  # a live process still appends to it
             with archive.unit_of_work() as uow:
                 live = [BlobRef(row.sha256, row.size, info.name, row.offset) for row in uow.session.execute(
-                    select(Blob.sha256, Blob.size, Blob.offset).where(Blob.pack == info.name))]
+                    select(Blob.sha256, Blob.size, Blob.offset).where(Blob.pack == info.name))
+                    if row.sha256 not in unreferenced]
             live_bytes = sum(ref.size + RECORD_HEADER for ref in live) + len(PACK_MAGIC)
             dead = info.size - live_bytes
             if live and dead < info.size * COMPACT_DEAD_FRACTION:

@@ -93,7 +93,7 @@ def retrieve_study(
 
 def instance_part10(uow: UnitOfWork, instance: Instance, transfer_syntax: str) -> tuple[bytes, UID, str]:
     """One instance as Part 10 bytes, the syntax actually written, and why it differs if it does."""
-    header = decompress_bytes(read_blob(uow.session, uow.store, instance.header_blob))
+    header = uow.read_header(instance.header_blob, instance.header_dictionary)
     ds = read_header(header)
     original = UID(instance.transfer_syntax_uid)
     if instance.storage_mode is StorageMode.WHOLE:

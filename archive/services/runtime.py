@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from archive.catalog.database import alembic_config, create_engine_for, make_session_factory, upgrade_schema
 from archive.config import Settings
 from archive.errors import ConfigError
+from archive.services.header_dictionaries import HeaderDictionaries
 from archive.services.unit_of_work import UnitOfWork
 from archive.store import ArchiveStore
 
@@ -24,6 +25,10 @@ class Archive:
     engine: Engine
     session_factory: sessionmaker[Session]
     store: ArchiveStore
+    headers: HeaderDictionaries = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.headers = HeaderDictionaries(self.session_factory, self.store, self.settings.header_zstd_level)
 
     @classmethod
     def open(cls, settings: Settings | None = None, *, migrate: bool | None = None) -> Archive:
@@ -48,7 +53,7 @@ class Archive:
         )
 
     def unit_of_work(self) -> UnitOfWork:
-        return UnitOfWork(self.session_factory, self.store)
+        return UnitOfWork(self.session_factory, self.store, self.headers)
 
     def close(self) -> None:
         self.store.close()

@@ -28,11 +28,12 @@ from archive.errors import ArchiveError, InvalidDicomError, NotDicomError
 from archive.kinds import EncodingKind, StorageMode
 from archive.services.blobs import read_blob
 from archive.services.encoding import encode_frames, pixel_hash
+from archive.services.header_dictionaries import HeaderDictionaries, header_key
 from archive.services.outcomes import TRANSIENT_ERRNOS, FileOutcome, Outcome
 from archive.services.quarantine import quarantine_file
 from archive.services.runtime import Archive
 from archive.store import BlobRef, BlobStore
-from archive.store.compression import compress_bytes, decompress_bytes
+from archive.store.compression import compress_bytes
 
 
 @dataclass
@@ -48,6 +49,17 @@ class StagedInstance:
     frames: list[BlobRef] = field(default_factory=list)
     mode_reason: str = ""
     bytes_stored: int = 0
+    header_key: str = ""  # modality and manufacturer: which header dictionary fits
+
+    @property
+    def frames_or_pixels(self) -> bool:
+        """False for an object kept whole (its header blob is the whole file: no dictionary for it)."""
+        return self.encoding.get("kind") is not EncodingKind.WHOLE
+
+    @property
+    def header_dictionary(self) -> str | None:
+        value = self.instance.get("header_dictionary")
+        return None if value is None else str(value)
 
     @property
     def sop_instance_uid(self) -> str:
@@ -123,7 +135,7 @@ def stage_file(
     if duplicate is not None:
         return duplicate
     try:
-        staged = _write(archive.store, read, codec, archive.settings.header_zstd_level)
+        staged = _write(archive.store, archive.headers, read, codec, archive.settings.header_zstd_level)
     except ArchiveError as exc:
         return quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id)
     if sync:
@@ -158,7 +170,7 @@ def find_duplicate(archive: Archive, session: Session, read: _Read) -> FileOutco
     """
     parsed = read.parsed
     rows = session.execute(
-        select(Instance.id, Instance.header_sha256, Instance.header_blob).where(
+        select(Instance.id, Instance.header_sha256, Instance.header_blob, Instance.header_dictionary).where(
             Instance.sop_instance_uid == parsed.sop_instance_uid, Instance.pixel_sha256 == read.pixel_sha256,
         ).order_by(Instance.id)
     ).all()
@@ -166,7 +178,9 @@ def find_duplicate(archive: Archive, session: Session, read: _Read) -> FileOutco
     if same is None and rows:
         canonical = serialize_header(parsed.dataset).dataset_sha256
         for row in rows:
-            stored = serialize_header(read_header(decompress_bytes(read_blob(session, archive.store, row.header_blob))))
+            part10 = archive.headers.decompress(session, read_blob(session, archive.store, row.header_blob),
+                                                row.header_dictionary)
+            stored = serialize_header(read_header(part10))
             if stored.dataset_sha256 == canonical:
                 same = row.id
                 break
@@ -176,7 +190,7 @@ def find_duplicate(archive: Archive, session: Session, read: _Read) -> FileOutco
                        study_uid=parsed.study_uid)
 
 
-def _write(store: BlobStore, read: _Read, codec: Codec, zstd_level: int) -> StagedInstance:
+def _write(store: BlobStore, headers: HeaderDictionaries, read: _Read, codec: Codec, zstd_level: int) -> StagedInstance:
     parsed = read.parsed
     layout = parsed.layout
     side_info: dict[str, Any] = {"modality": parsed.text("Modality")}
@@ -203,8 +217,10 @@ def _write(store: BlobStore, read: _Read, codec: Codec, zstd_level: int) -> Stag
         )
         frames: list[BlobRef] = []
         stored = header.size
+        dictionary = None
     else:
-        header = store.put(compress_bytes(read.header_part10, zstd_level))
+        header_bytes, dictionary = headers.compress(header_key_of(parsed), read.header_part10)
+        header = store.put(header_bytes)
         assert layout is not None
         if parsed.mode is StorageMode.PIXELS:
             assert read.frames is not None
@@ -230,13 +246,18 @@ def _write(store: BlobStore, read: _Read, codec: Codec, zstd_level: int) -> Stag
         path=parsed.source_path,
         study=_study_columns(parsed),
         series=_series_columns(parsed),
-        instance=_instance_columns(read),
+        instance=dict(_instance_columns(read), header_dictionary=dictionary),
         encoding=encoding,
         header=header,
         frames=frames,
         mode_reason=parsed.mode_reason,
         bytes_stored=stored,
+        header_key=header_key_of(parsed),
     )
+
+
+def header_key_of(parsed: ParsedInstance) -> str:
+    return header_key(parsed.text("Modality"), parsed.text("Manufacturer"))
 
 
 def _study_columns(parsed: ParsedInstance) -> dict[str, Any]:

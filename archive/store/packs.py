@@ -79,9 +79,13 @@ class PackStore:
             fd = self._writer(len(data))
             header = RECORD_MAGIC + digest + len(data).to_bytes(8, "little")
             offset = self._size + len(header)
-            _write_all(fd, header + data if len(data) < 65536 else header)
-            if len(data) >= 65536:
-                _write_all(fd, data)
+            try:
+                _write_all(fd, header + data if len(data) < 65536 else header)
+                if len(data) >= 65536:
+                    _write_all(fd, data)
+            except BaseException:
+                self._drop_torn_record(fd)
+                raise
             self._size = offset + len(data)
             self._dirty = True
             return BlobRef(digest.hex(), len(data), self._name, offset)
@@ -128,10 +132,36 @@ class PackStore:
                 os.close(self._fd)  # releases the flock: the pack is sealed
             self._fd = None
 
+    def _drop_torn_record(self, fd: int) -> None:
+        """A write failed part way (a full disk): cut the torn record off, or never append to this pack again.
+
+        Offsets are computed from ``self._size``, so appending after a torn
+        record would hand out locations that point into it.
+        """
+        try:
+            os.ftruncate(fd, self._size)
+            return
+        except OSError:
+            pass
+        try:
+            if self.fsync:
+                os.fsync(fd)  # the records before the torn one stay durable for sync_packs / readers
+        except OSError:
+            pass
+        os.close(fd)  # sealed with a torn tail (records() stops there); the next put opens a new pack
+        self._fd = None
+        if self._new_pack and self.fsync:
+            try:
+                fsync_dir(self.root)
+            except OSError:
+                pass
+        self._dirty = self._new_pack = False
+
     def _writer(self, incoming: int) -> int:
         if self._pid != os.getpid():  # a forked child must not append to its parent's pack
             self._pid, self._fd, self._dirty, self._new_pack = os.getpid(), None, False, False
-        if self._fd is not None and self._size + incoming > self.max_pack_bytes and self._size > len(PACK_MAGIC):
+        if (self._fd is not None and self._size + RECORD_HEADER + incoming > self.max_pack_bytes
+                and self._size > len(PACK_MAGIC)):
             if self.fsync:
                 os.fsync(self._fd)
             os.close(self._fd)
@@ -175,12 +205,16 @@ class PackStore:
         raise BlobNotFoundError(f"blob {ref.digest}: pack {ref.pack} is missing from {self.root}")
 
     def exists(self, ref: BlobRef) -> bool:
+        """Whether the pack holds the blob's whole range (a retired copy counts, as it does for :meth:`get`)."""
         if ref.pack is None or ref.offset is None:
             return False
-        try:
-            return self._path(ref.pack).stat().st_size >= ref.offset + ref.size
-        except FileNotFoundError:
-            return False
+        candidates = [self._path(ref.pack), *sorted(self.root.glob(f"{ref.pack}.retired-*"))]
+        for path in candidates:
+            try:
+                return path.stat().st_size >= ref.offset + ref.size
+            except FileNotFoundError:
+                continue
+        return False
 
     # ------------------------------------------------------------------ maintenance (garbage collector)
 
@@ -200,12 +234,15 @@ class PackStore:
         with open(self._path(name), "rb") as handle:
             if handle.read(len(PACK_MAGIC)) != PACK_MAGIC:
                 raise BlobCorruptError(f"pack {name} does not start with {PACK_MAGIC!r}")
+            end = os.fstat(handle.fileno()).st_size
             position = len(PACK_MAGIC)
             while True:
                 header = handle.read(RECORD_HEADER)
                 if len(header) < RECORD_HEADER or not header.startswith(RECORD_MAGIC):
                     return
                 size = int.from_bytes(header[36:44], "little")
+                if position + RECORD_HEADER + size > end:
+                    return  # the header made it to disk, not all of the data
                 yield PackRecord(header[4:36].hex(), position + RECORD_HEADER, size)
                 position += RECORD_HEADER + size
                 handle.seek(position)

@@ -137,3 +137,68 @@ def test_db_upgrade_on_fresh_postgres(tmp_path: Path, postgres_url: str, clean_i
         assert len(studies) == len(CLEAN)
     finally:
         _reset_postgres(postgres_url)  # the session database is shared: leave it empty
+
+
+@pytest.mark.parametrize("spec", ["jpegxl", '{"id": "jpegxl", "effort": 3}'])
+def test_ingest_codec_as_a_bare_id_or_json(tmp_path: Path, spec: str) -> None:
+    home = tmp_path / "home"
+    source = tmp_path / "in" / "CT_small.dcm"
+    source.parent.mkdir()
+    shutil.copyfile(str(get_testdata_file("CT_small.dcm")), source)
+
+    result = medarchive(home, "ingest", "--codec", spec, str(source))
+    assert result.returncode == 0, result.stdout + result.stderr
+    engine = sa.create_engine(f"sqlite:///{home / 'catalog.sqlite'}")
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT codec_id, codec_config FROM encodings")).all()
+    engine.dispose()
+    assert [codec_id for codec_id, _ in rows] == ["jpegxl"]
+    if spec.startswith("{"):
+        config = rows[0][1] if isinstance(rows[0][1], dict) else json.loads(rows[0][1])
+        assert config["effort"] == 3
+
+
+@pytest.mark.parametrize(("spec", "message"), [("{bad", "not valid JSON"), ('["jpegxl"]', "JSON object"),
+                                               ('{"effort": 7}', "'id'"), ("", "empty")])
+def test_ingest_bad_codec_is_an_error_not_a_traceback(tmp_path: Path, spec: str, message: str) -> None:
+    source = tmp_path / "CT_small.dcm"
+    shutil.copyfile(str(get_testdata_file("CT_small.dcm")), source)
+    result = medarchive(tmp_path / "home", "ingest", "--codec", spec, str(source))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--codec" in result.stderr and message in result.stderr and "Traceback" not in result.stderr
+
+
+def _sqlite_revision(path: Path) -> str | None:
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
+        assert MigrationContext.configure(conn).get_current_revision() in (stored or [None])
+    engine.dispose()
+    return stored[0] if stored else None
+
+
+def test_db_upgrade_to_a_revision_then_to_head(tmp_path: Path) -> None:
+    from alembic.script import ScriptDirectory
+
+    from archive.catalog.database import alembic_config
+
+    home = tmp_path / "home"
+    catalog = tmp_path / "elsewhere" / "catalog.sqlite"  # MEDARCHIVE_DATABASE_URL, not the default under home
+    url = f"sqlite:///{catalog}"
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    assert head is not None and head != "0001"
+
+    first = medarchive(home, "db", "upgrade", "0001", database_url=url)
+    assert first.returncode == 0, first.stderr
+    assert _sqlite_revision(catalog) == "0001"
+    assert re.search(r"is at revision 0001\b", first.stdout), first.stdout
+    assert not (home / "catalog.sqlite").exists()
+
+    second = medarchive(home, "db", "upgrade", database_url=url)
+    assert second.returncode == 0, second.stderr
+    assert _sqlite_revision(catalog) == head
+    assert re.search(rf"is at revision {head}\b", second.stdout), second.stdout
+
+    unknown = medarchive(home, "db", "upgrade", "no-such-revision", database_url=url)
+    assert unknown.returncode == 2 and "no-such-revision" in unknown.stderr and "Traceback" not in unknown.stderr
+    assert _sqlite_revision(catalog) == head

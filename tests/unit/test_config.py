@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from archive.config import Settings
+from archive.config import Settings, parse_codec_spec
 from archive.errors import ConfigError
 
 
@@ -187,3 +187,31 @@ def test_database_password_from_a_secret_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="password file"):
         Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_DATABASE_URL": "postgresql://a@b/c",
                                "MEDARCHIVE_DATABASE_PASSWORD_FILE": str(tmp_path / "missing")})
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("jpegxl", {"id": "jpegxl"}),
+    ("  zstd\n", {"id": "zstd"}),
+    ('{"id": "jpegxl", "effort": 7}', {"id": "jpegxl", "effort": 7}),
+    (' {"id": "jpeg2000", "level": 2}', {"id": "jpeg2000", "level": 2}),
+])
+def test_parse_codec_spec_accepts_an_id_or_a_json_object(text: str, expected: dict[str, object]) -> None:
+    assert parse_codec_spec(text) == expected
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "empty"), ("   ", "empty"), ("{bad", "not valid JSON"), ('{"id": "x",}', "not valid JSON"),
+    ('["jpegxl"]', "JSON object"), ('"jpegxl"', "JSON object"), ("7", "JSON object"),
+    ('{"effort": 7}', "'id'"), ('{"id": ""}', "'id'"), ("jpeg xl", "codec id"),
+])
+def test_parse_codec_spec_errors_name_their_source(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match="--codec") as raised:
+        parse_codec_spec(text, source="--codec")
+    assert message in str(raised.value)
+
+
+def test_codec_env_as_a_bare_id_goes_through_the_same_parser(tmp_path: Path) -> None:
+    settings = Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_CODEC": " jpegxl "})
+    assert settings.codec == {"id": "jpegxl"}
+    with pytest.raises(ConfigError, match="MEDARCHIVE_CODEC.*JSON object"):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_CODEC": "[1, 2]"})

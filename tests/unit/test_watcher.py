@@ -5,7 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from archive.catalog.models import Job, JobItem
@@ -108,3 +111,37 @@ def test_unreadable_files_form_their_own_job(sqlite_watch: tuple[InboxWatcher, C
     assert set(watcher.arriving) == {"", "1.2.840.113619.6.495.211924749867037572488987328218167241798"}
     clock.now += 61
     assert len(watcher.tick()) == 2
+
+
+def test_spooled_jobs_stays_bounded_over_many_studies(sqlite_archive: Archive, tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    clock = Clock()
+    sent: list[int] = []
+
+    def dispatcher(task_id: int) -> str:
+        sent.append(task_id)
+        return str(task_id)
+
+    watcher = InboxWatcher(sqlite_archive, inbox, dispatcher, stable_age=60, file_settle=2, clock=clock,
+                           recent_jobs=4)
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    queued: list[int] = []
+    for round_ in range(5):  # 5 rounds of 3 new studies each: 15 jobs, far more than the 4 remembered
+        for n in range(3):
+            template.StudyInstanceUID, template.SeriesInstanceUID = generate_uid(), generate_uid()
+            template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            template.save_as(inbox / f"r{round_}-s{n}.dcm")
+        watcher.scan()
+        clock.now += 3
+        assert watcher.tick() == []  # ready, not yet stable
+        clock.now += 60
+        now_queued = watcher.tick()
+        assert len(now_queued) == 3
+        queued += now_queued
+        assert list(watcher.spooled_jobs) == queued[-4:]  # the newest, in order
+        assert not watcher.pending and not watcher.arriving  # nothing else is kept per study either
+    assert len(watcher.spooled_jobs) == 4 and len(set(queued)) == 15 and len(sent) == 15
+    with sqlite_archive.unit_of_work() as uow:  # the catalog, not the watcher, is the record of every job
+        assert set(uow.session.scalars(select(Job.id))) == set(queued)
+    assert not [p for p in inbox.iterdir()]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ from archive.codecs.jpegls import JpegLSCodec
 from archive.codecs.registry import BUILTIN_CODECS
 from archive.codecs.zstd import ZstdCodec
 from archive.errors import CodecError
+from tests.conftest import shared_data
 
 CODEC_IDS = [cls.codec_id for cls in BUILTIN_CODECS]
 DTYPE_BITS = [(dt, bits) for dt in ("uint8", "int8", "uint16", "int16") for bits in range(1, np.dtype(dt).itemsize * 8 + 1)]
@@ -444,7 +444,7 @@ def test_register_codec() -> None:
 
 # -- the real CT set, against ANCHORS.md (slow tier) ----------------------------------------
 
-CT_DIR = Path("/work/shared/data/ct-chest-tcia")
+CT_SET = "ct-chest-tcia"  # under the shared data folder (tests.conftest.shared_data)
 # ANCHORS.md lossless bpp on these 36 slices, plus 1 % headroom (container included).
 ANCHOR_BPP = {"jpegls": 4.657, "jpegxl": 4.477, "jpeg2000": 4.842, "htj2k": 5.152, "zstd": 7.130}
 
@@ -452,9 +452,8 @@ ANCHOR_BPP = {"jpegls": 4.657, "jpegxl": 4.477, "jpeg2000": 4.842, "htj2k": 5.15
 @pytest.mark.slow
 @pytest.mark.parametrize("codec_id", CODEC_IDS)
 def test_ct_set_matches_anchors(codec_id: str) -> None:
-    files = sorted(CT_DIR.rglob("*.dcm"))
-    if not files:
-        pytest.skip(f"no CT data under {CT_DIR}")
+    files = sorted((shared_data() / CT_SET).rglob("*.dcm"))
+    assert files, f"no CT slices under {shared_data() / CT_SET}"
     codec = get_codec({"id": codec_id})
     bpps = []
     for path in files:
