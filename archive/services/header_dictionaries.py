@@ -53,9 +53,12 @@ class HeaderDictionaries:
         self._loaded_at = float("-inf")
         self._decompressors: dict[str, zstandard.ZstdDecompressor] = {}
 
-    def compress(self, key: str, header: bytes) -> tuple[bytes, str | None]:
-        """The header blob's bytes and the digest of the dictionary they need (None: plain zstd)."""
-        current = self._newest().get(key)
+    def compress(self, key: str, header: bytes, session: Session | None = None) -> tuple[bytes, str | None]:
+        """The header blob's bytes and the digest of the dictionary they need (None: plain zstd).
+
+        ``session`` serves the look-up of new dictionaries (else a short one is opened).
+        """
+        current = self._newest(session).get(key)
         if current is None:
             return compress_bytes(header, self.level), None
         digest, compressor = current
@@ -78,21 +81,27 @@ class HeaderDictionaries:
         """Look for new dictionaries on the next compress (after one was trained here)."""
         self._loaded_at = float("-inf")
 
-    def _newest(self) -> dict[str, tuple[str, zstandard.ZstdCompressor]]:
+    def _newest(self, session: Session | None) -> dict[str, tuple[str, zstandard.ZstdCompressor]]:
         if self._pid != os.getpid():  # forked: compressors are not shared with the parent
             self._pid, self._current, self._decompressors, self._loaded_at = os.getpid(), {}, {}, float("-inf")
         if time.monotonic() - self._loaded_at < self.refresh_seconds:
             return self._current
-        with self.session_factory() as session:
-            rows = session.execute(select(HeaderDictionary.key, HeaderDictionary.blob_sha256)
-                                   .order_by(HeaderDictionary.id)).all()
-            newest = {key: digest for key, digest in rows}  # the last trained wins
-            for key, digest in newest.items():
-                if key not in self._current or self._current[key][0] != digest:
-                    raw = zstandard.ZstdCompressionDict(read_blob(session, self.store, digest))
-                    self._current[key] = (digest, zstandard.ZstdCompressor(level=self.level, dict_data=raw))
+        if session is None:
+            with self.session_factory() as own:
+                self._load(own)
+        else:
+            self._load(session)
         self._loaded_at = time.monotonic()
         return self._current
+
+    def _load(self, session: Session) -> None:
+        rows = session.execute(select(HeaderDictionary.key, HeaderDictionary.blob_sha256)
+                               .order_by(HeaderDictionary.id)).all()
+        newest = {key: digest for key, digest in rows}  # the last trained wins
+        for key, digest in newest.items():
+            if key not in self._current or self._current[key][0] != digest:
+                raw = zstandard.ZstdCompressionDict(read_blob(session, self.store, digest))
+                self._current[key] = (digest, zstandard.ZstdCompressor(level=self.level, dict_data=raw))
 
 
 def train(session: Session, store: BlobStore, key: str, samples: Sequence[BlobRef], level: int) -> HeaderDictionary | None:

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from archive.catalog.models import Job, JobStatus
 from archive.clock import utcnow
 from archive.codecs import Codec, get_codec
@@ -29,7 +31,7 @@ from archive.services.outcomes import TRANSIENT_ERRNOS, FileOutcome, IngestRepor
 from archive.services.quarantine import quarantine_file
 from archive.services.recording import commit_staged, commit_staged_batch
 from archive.services.runtime import Archive
-from archive.services.staging import StagedInstance, stage_file
+from archive.services.staging import StagedInstance, lookup_session, stage_file
 from archive.services.totals import refresh_study_totals
 
 __all__ = [
@@ -146,8 +148,9 @@ def _stage_all(
     """Staged results in file order: in this process, or from a pool of forked staging processes."""
     jobs = max(1, min(jobs, len(files)))
     if jobs == 1 or "fork" not in multiprocessing.get_all_start_methods():
-        for path in files:
-            yield stage_file(archive, path, codec, job_id=job_id, sync=False)
+        with lookup_session(archive) as lookups:
+            for path in files:
+                yield stage_file(archive, path, codec, job_id=job_id, session=lookups, sync=False)
         return
     # fork: the children share what this process imported; each opens its own engine and pack
     context = multiprocessing.get_context("fork")
@@ -163,7 +166,7 @@ def _stage_all(
             yield in_flight.popleft().get()
 
 
-_stager: tuple[Archive, Codec, int | None] | None = None
+_stager: tuple[Archive, Codec, int | None, Session] | None = None
 
 
 def _start_stager(parent: Archive, codec_config: dict[str, Any], job_id: int | None) -> None:
@@ -172,10 +175,10 @@ def _start_stager(parent: Archive, codec_config: dict[str, Any], job_id: int | N
     settings: Settings = parent.settings
     archive = Archive.open(settings, migrate=False)
     archive.headers.refresh_seconds = 0.0  # the writer may train a dictionary any moment: look before each header
-    _stager = (archive, get_codec(codec_config), job_id)
+    _stager = (archive, get_codec(codec_config), job_id, lookup_session(archive))
 
 
 def _stage_one(path: str) -> StagedInstance | FileOutcome:
     assert _stager is not None
-    archive, codec, job_id = _stager
-    return stage_file(archive, Path(path), codec, job_id=job_id, sync=False)
+    archive, codec, job_id, lookups = _stager
+    return stage_file(archive, Path(path), codec, job_id=job_id, session=lookups, sync=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from archive.errors import BlobCorruptError, BlobNotFoundError, NotFoundError
 from archive.services.blobs import blob_refs
 from archive.services.runtime import Archive
 from archive.store import BlobRef
+from archive.clock import aware_utc, utcnow
 from archive.store.packs import PACK_MAGIC, RECORD_HEADER
 
 MISSING = "missing"
@@ -204,7 +205,7 @@ def collect_garbage(
     now: datetime | None = None,
 ) -> GcReport:
     """Remove blobs referenced by nothing and older than ``grace_seconds`` (rows, then files), and orphan files."""
-    now = _utc(now)
+    now = (aware_utc(now) or utcnow())
     cutoff = now - timedelta(seconds=grace_seconds)
     cutoff_ts = cutoff.timestamp()
     report = GcReport(dry_run=dry_run, grace_seconds=grace_seconds)
@@ -288,7 +289,8 @@ def compact_packs(
                 live = [BlobRef(row.sha256, row.size, info.name, row.offset) for row in uow.session.execute(
                     select(Blob.sha256, Blob.size, Blob.offset).where(Blob.pack == info.name))
                     if row.sha256 not in unreferenced]
-            live_bytes = sum(ref.size + RECORD_HEADER for ref in live) + len(PACK_MAGIC)
+            # a pack with nothing live goes whole; a compacted one's magic is replaced by the new pack's
+            live_bytes = sum(ref.size + RECORD_HEADER for ref in live) + (len(PACK_MAGIC) if live else 0)
             dead = info.size - live_bytes
             if live and dead < info.size * COMPACT_DEAD_FRACTION:
                 continue
@@ -340,9 +342,3 @@ def _size_on_disk(path: Path) -> int | None:
 def _batches(items: Iterator[str], size: int) -> Iterator[Sequence[str]]:
     while batch := list(islice(items, size)):
         yield batch
-
-
-def _utc(now: datetime | None) -> datetime:
-    if now is None:
-        return datetime.now(timezone.utc)
-    return now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import time
 from pathlib import Path
 
 from sqlalchemy import select
@@ -51,13 +52,13 @@ def item_result(outcome: FileOutcome) -> ItemResult:
     return ItemStatus.DONE, outcome.outcome.value, outcome.reason or None
 
 
-def in_window(settings: Settings, job: Job, clock: Callable[[], object] = local_time_now) -> bool:
+def in_window(settings: Settings, job: Job, clock: Callable[[], time] = local_time_now) -> bool:
     """Whether a windowed job may run now (a job started by hand ignores its policy's window)."""
     handler = handler_for(job)
     if not handler.windowed or not job.params.get("respect_window", True):
         return True
     policy = settings.policies.get(job.policy or "")
-    return policy is None or policy.in_window(clock())  # type: ignore[arg-type]
+    return policy is None or policy.in_window(clock())
 
 
 # --------------------------------------------------------------------------- ingest

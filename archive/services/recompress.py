@@ -15,7 +15,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple, cast
 
 from sqlalchemy import func, select, update
@@ -31,6 +31,7 @@ from archive.errors import ArchiveError, BlobCorruptError, NotFoundError
 from archive.services.blobs import read_blobs, record_blobs
 from archive.services.encoding import encode_frames, pixel_hash
 from archive.services.runtime import Archive
+from archive.clock import aware_utc, utcnow
 from archive.services.totals import refresh_study_totals
 
 RECOMPRESSED = "recompressed"
@@ -136,7 +137,7 @@ def _candidates(session: Session, policy: RecompressPolicy, *, limit: int | None
             Study.study_date < policy.study_date_before
         )
     if policy.archived_before_days is not None:
-        statement = statement.where(Instance.created_at < _utc(now) - timedelta(days=policy.archived_before_days))
+        statement = statement.where(Instance.created_at < (aware_utc(now) or utcnow()) - timedelta(days=policy.archived_before_days))
     found = 0
     last_id = 0
     while True:  # keyset pages: no long-lived cursor, bounded memory
@@ -256,7 +257,7 @@ def release_encoding(archive: Archive, encoding_id: int, study_id: int) -> None:
             raise ArchiveError(f"encoding {encoding_id} is current; only superseded encodings are released")
         encoding.frames.clear()  # delete-orphan: the EncodedFrame rows go
         if encoding.released_at is None:
-            encoding.released_at = datetime.now(timezone.utc)
+            encoding.released_at = utcnow()
         refresh_study_totals(uow.session, study_id)
         uow.commit()
 
@@ -298,10 +299,3 @@ def _lock_encoding(session: Session, encoding_id: int) -> Encoding | None:
     return session.scalar(
         select(Encoding).where(Encoding.id == encoding_id).with_for_update().execution_options(populate_existing=True)
     )
-
-
-def _utc(now: datetime | None) -> datetime:
-    if now is None:
-        return datetime.now(timezone.utc)
-    return now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)
-

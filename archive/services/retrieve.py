@@ -30,7 +30,6 @@ from archive.errors import ArchiveError, NotFoundError
 from archive.services.blobs import read_blob, read_blobs
 from archive.services.runtime import Archive
 from archive.services.unit_of_work import UnitOfWork
-from archive.store.compression import decompress_bytes
 
 TRANSFER_SYNTAX_CHOICES = ("explicit-le", "jpegls", "jpeg2000", "original")
 

@@ -11,6 +11,8 @@ collector.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,20 +129,35 @@ def stage_file(
     except Exception as exc:  # a reader or decoder bug on odd input must not stop the batch
         reason = f"unexpected {type(exc).__name__} while reading: {exc}"
         return quarantine_file(archive, path, reason, type(exc).__name__, job_id=job_id)
-    if session is not None:
-        duplicate = find_duplicate(archive, session, read)
-    else:
-        with archive.unit_of_work() as uow:
-            duplicate = find_duplicate(archive, uow.session, read)
-    if duplicate is not None:
-        return duplicate
-    try:
-        staged = _write(archive.store, archive.headers, read, codec, archive.settings.header_zstd_level)
-    except ArchiveError as exc:
-        return quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id)
+    with _lookups(archive, session) as lookups:
+        duplicate = find_duplicate(archive, lookups, read)
+        if duplicate is not None:
+            return duplicate
+        try:
+            staged = _write(archive.store, archive.headers, lookups, read, codec, archive.settings.header_zstd_level)
+        except ArchiveError as exc:
+            return quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id)
     if sync:
         archive.store.sync()  # durable before anyone commits rows that reference them
     return staged
+
+
+@contextmanager
+def _lookups(archive: Archive, session: Session | None) -> Iterator[Session]:
+    if session is not None:
+        yield session
+        return
+    with archive.unit_of_work() as uow:
+        yield uow.session
+
+
+def lookup_session(archive: Archive) -> Session:
+    """A read-only session without a transaction (each query sees what is committed): for a stager's look-ups.
+
+    One per staging process saves a pool checkout, a ping and a BEGIN/ROLLBACK per file.
+    """
+    connection = archive.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    return Session(bind=connection)
 
 
 def _read(path: Path) -> _Read:
@@ -190,7 +207,9 @@ def find_duplicate(archive: Archive, session: Session, read: _Read) -> FileOutco
                        study_uid=parsed.study_uid)
 
 
-def _write(store: BlobStore, headers: HeaderDictionaries, read: _Read, codec: Codec, zstd_level: int) -> StagedInstance:
+def _write(
+    store: BlobStore, headers: HeaderDictionaries, session: Session, read: _Read, codec: Codec, zstd_level: int
+) -> StagedInstance:
     parsed = read.parsed
     layout = parsed.layout
     side_info: dict[str, Any] = {"modality": parsed.text("Modality")}
@@ -219,7 +238,7 @@ def _write(store: BlobStore, headers: HeaderDictionaries, read: _Read, codec: Co
         stored = header.size
         dictionary = None
     else:
-        header_bytes, dictionary = headers.compress(header_key_of(parsed), read.header_part10)
+        header_bytes, dictionary = headers.compress(header_key_of(parsed), read.header_part10, session)
         header = store.put(header_bytes)
         assert layout is not None
         if parsed.mode is StorageMode.PIXELS:

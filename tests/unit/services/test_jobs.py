@@ -268,7 +268,12 @@ def test_spool_is_kept_when_a_blob_went_missing(archive: Archive, study_files: P
     with archive.unit_of_work() as uow:
         header = uow.session.scalars(select(Instance.header_blob).where(Instance.job_id == job_id)).first()
     assert header is not None
-    archive.store.path_for(header).unlink()  # a disk lost it between archiving and finalizing
+    from archive.services.blobs import blob_refs
+
+    with archive.unit_of_work() as uow:
+        pack = blob_refs(uow.session, [header])[header].pack
+    assert pack is not None
+    (archive.store.packs.root / pack).unlink()  # a disk lost the pack between archiving and finalizing
     assert jobs.finalize_job(archive, job_id)
     with archive.unit_of_work() as uow:
         failed = uow.session.get_one(Job, job_id)

@@ -199,16 +199,23 @@ def test_corrupt_old_blob_is_an_error_and_changes_nothing(archive: Archive, tmp_
     _ingest(archive, tmp_path / "in", _pydicom("CT_small.dcm"))
     (ct,) = _instance_ids(archive).values()
     (old,) = _encodings(archive, ct)
-    path = archive.store.path_for(old.frames[0].blob_sha256)
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0x40  # same size, one bit flipped
-    path.write_bytes(bytes(raw))
+    from archive.services.blobs import blob_refs
+
+    digest = old.frames[0].blob_sha256
+    with archive.unit_of_work() as uow:
+        ref = blob_refs(uow.session, [digest])[digest]
+    assert ref.pack is not None and ref.offset is not None
+    with open(archive.store.packs.root / ref.pack, "r+b") as handle:  # one bit flipped inside the blob's bytes
+        handle.seek(ref.offset + ref.size // 2)
+        byte = handle.read(1)[0]
+        handle.seek(ref.offset + ref.size // 2)
+        handle.write(bytes([byte ^ 0x40]))
     before = _catalog_state(archive)
-    files_before = set(archive.store.digests())
+    packs_before = archive.store.packs.packs()
     with pytest.raises(BlobCorruptError):
         recompress_instance(archive, ct, TO_JPEGXL)
     assert _catalog_state(archive) == before
-    assert set(archive.store.digests()) == files_before  # nothing encoded, nothing written
+    assert archive.store.packs.packs() == packs_before  # nothing encoded, nothing written
     assert _encodings(archive, ct)[0].is_current
 
 
@@ -231,8 +238,10 @@ def test_concurrent_runs_on_one_instance_add_one_generation(archive: Archive, tm
     (ct,) = _instance_ids(archive).values()
     barrier = threading.Barrier(2, timeout=30)
     real_put = archive.store.put
+    from archive.services.blobs import read_blob
+    from archive.store import BlobRef
 
-    def put_after_both_encoded(data: bytes) -> str:  # both runs have passed their candidate check
+    def put_after_both_encoded(data: bytes) -> BlobRef:  # both runs have passed their candidate check
         barrier.wait()
         return real_put(data)
 
@@ -257,7 +266,8 @@ def test_concurrent_runs_on_one_instance_add_one_generation(archive: Archive, tm
     assert [(e.generation, e.is_current) for e in encodings] == [(1, False), (2, True)]
     assert encodings[0].frames == [] and encodings[1].derived_from_id == encodings[0].id
     (item,) = encodings[1].frames
-    assert decode_frame(archive.store.get(item.blob_sha256)).shape == (128, 128)
+    with archive.unit_of_work() as uow:
+        assert decode_frame(read_blob(uow.session, archive.store, item.blob_sha256)).shape == (128, 128)
 
 
 def test_release_left_undone_is_finished_by_a_redelivery(archive: Archive, tmp_path: Path) -> None:
