@@ -16,7 +16,7 @@ from rich.table import Table
 from archive.config import Settings, parse_codec_spec
 from archive.errors import ArchiveError
 from archive.services import jobs, query, sweeps
-from archive.services.ingest import FileOutcome, IngestReport, Outcome, ingest_paths
+from archive.services.ingest import FileOutcome, IngestReport, Outcome, default_jobs, ingest_paths
 from archive.services.retrieve import TRANSFER_SYNTAX_CHOICES, retrieve_study
 from archive.services.runtime import Archive
 
@@ -74,7 +74,8 @@ def print_ingest_summary(report: IngestReport, out: Console = console) -> None:
             out.print(listing)
 
 
-def run_ingest(archive: Archive, paths: list[Path], codec: dict[str, Any] | None, show_progress: bool) -> IngestReport:
+def run_ingest(archive: Archive, paths: list[Path], codec: dict[str, Any] | None, show_progress: bool,
+               jobs: int | None = None) -> IngestReport:
     with Progress(TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.description}"), console=err_console, disable=not show_progress,
                   transient=True) as progress:
@@ -88,7 +89,8 @@ def run_ingest(archive: Archive, paths: list[Path], codec: dict[str, Any] | None
                 return
             progress.update(task, advance=1, description=outcome.path.name)
 
-        return ingest_paths(archive, paths, codec_config=codec, on_discovered=discovered, on_file=done)
+        return ingest_paths(archive, paths, codec_config=codec, jobs=jobs or default_jobs(),
+                            on_discovered=discovered, on_file=done)
 
 
 @app.command()
@@ -100,6 +102,8 @@ def ingest(
     wait: Annotated[bool, typer.Option("--wait", help="Queue through the broker for the workers; show progress "
                                        "until archived.")] = False,
     timeout: Annotated[Optional[float], typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    jobs_count: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Staging processes (read, encode, "
+                                                      "verify, write blobs); default: one per core.")] = None,
 ) -> None:
     """Archive DICOM files; exits 1 when anything was quarantined."""
     codec_config = parse_codec_spec(codec, source="--codec") if codec is not None else None
@@ -122,7 +126,7 @@ def ingest(
             raise typer.Exit(1)
         return
     with _open() as archive:
-        report = run_ingest(archive, paths, codec_config, show_progress=not as_json)
+        report = run_ingest(archive, paths, codec_config, show_progress=not as_json, jobs=jobs_count)
     if as_json:
         console.print_json(json.dumps({
             "job_id": report.job_id, "studies": sorted(report.studies), "instances": report.instances,

@@ -32,3 +32,16 @@ class JobKind(str, enum.Enum):
 
     INGEST = "ingest"
     RECOMPRESS = "recompress"
+
+
+class ItemOutcome(str, enum.Enum):
+    """What became of one item of a job (the ``job_items.outcome`` column and task reports)."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+    SKIPPED = "skipped"
+    QUARANTINED = "quarantined"
+    RECOMPRESSED = "recompressed"
+    UNCHANGED = "unchanged"  # already in the target configuration (or another run did it)
+    FAILED = "failed"

@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from archive.clock import utcnow
-from archive.kinds import EncodingKind, JobKind, StorageMode
+from archive.kinds import EncodingKind, ItemOutcome, JobKind, StorageMode
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -287,7 +287,7 @@ class JobItem(Base):
     path: Mapped[str | None] = mapped_column(Text)  # ingest: the file (in the spool folder)
     source_instance_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))  # re-compression
     status: Mapped[ItemStatus] = mapped_column(_str_enum(ItemStatus), default=ItemStatus.QUEUED)
-    outcome: Mapped[str | None] = mapped_column(String(16))  # stored | duplicate | conflict | recompressed ...
+    outcome: Mapped[ItemOutcome | None] = mapped_column(_str_enum(ItemOutcome))
     attempts: Mapped[int] = mapped_column(default=0)
     owner: Mapped[str | None] = mapped_column(String(128))  # host:pid:start of the claiming process
     lease_until: Mapped[datetime | None]

@@ -52,7 +52,7 @@ class TaskReport:
     finalized: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"task": self.task_id, "job": self.job_id, "mode": self.mode, "outcomes": dict(self.outcomes),
+        return {"task": self.task_id, "job": self.job_id, "mode": self.mode, "outcomes": {getattr(k, "value", k): n for k, n in self.outcomes.items()},
                 "busy": self.skipped_busy, "deferred": self.deferred, "finalized": self.finalized}
 
 

@@ -10,6 +10,7 @@ first). Blobs are durable before the rows that reference them are committed.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections import deque
 from multiprocessing.pool import AsyncResult
@@ -36,7 +37,7 @@ from archive.services.totals import refresh_study_totals
 
 __all__ = [
     "TRANSIENT_ERRNOS", "FileOutcome", "IngestReport", "Outcome", "StagedInstance", "commit_staged",
-    "commit_staged_batch", "discover", "encode_frames", "ingest_file", "ingest_paths", "is_hidden_or_temporary",
+    "commit_staged_batch", "default_jobs", "discover", "encode_frames", "ingest_file", "ingest_paths", "is_hidden_or_temporary",
     "pixel_hash", "quarantine_file", "stage_file",
 ]
 
@@ -81,6 +82,11 @@ def ingest_paths(
         uow.commit()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def default_jobs() -> int:
+    """One staging process per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def ingest_file(archive: Archive, path: Path, codec: Codec, *, job_id: int | None = None) -> tuple[FileOutcome, int | None]:

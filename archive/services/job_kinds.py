@@ -20,7 +20,7 @@ from archive.clock import local_time_now
 from archive.codecs import get_codec
 from archive.config import Settings
 from archive.errors import ArchiveError, InstanceTimeLimitExceeded
-from archive.kinds import JobKind
+from archive.kinds import ItemOutcome, JobKind
 from archive.services.deadlines import fault_point, instance_deadline
 from archive.services.failures import is_transient
 from archive.services.leases import finish_item
@@ -30,7 +30,7 @@ from archive.services.recording import commit_staged
 from archive.services.runtime import Archive
 from archive.services.staging import StagedInstance, stage_file
 
-ItemResult = tuple[ItemStatus, str, str | None]  # status, outcome label, error
+ItemResult = tuple[ItemStatus, ItemOutcome, str | None]  # status, outcome, error
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,8 @@ class JobHandler:
 
 def item_result(outcome: FileOutcome) -> ItemResult:
     if outcome.outcome is Outcome.QUARANTINED:
-        return ItemStatus.QUARANTINED, outcome.outcome.value, outcome.reason
-    return ItemStatus.DONE, outcome.outcome.value, outcome.reason or None
+        return ItemStatus.QUARANTINED, ItemOutcome.QUARANTINED, outcome.reason
+    return ItemStatus.DONE, ItemOutcome(outcome.outcome.value), outcome.reason or None
 
 
 def in_window(settings: Settings, job: Job, clock: Callable[[], time] = local_time_now) -> bool:
@@ -91,7 +91,7 @@ def _ingest_one(archive: Archive, item_id: int) -> ItemResult:
             raise
         reason = f"unexpected {type(exc).__name__} while recording: {exc}"
         result = quarantine_file(archive, path, reason, type(exc).__name__, job_id=job_id)
-        status, label, error = ItemStatus.QUARANTINED, result.outcome.value, reason
+        status, label, error = ItemStatus.QUARANTINED, ItemOutcome.QUARANTINED, reason
         with archive.unit_of_work() as uow:
             finish_item(uow.session, item_id, status, label, error)
             uow.commit()
@@ -100,9 +100,9 @@ def _ingest_one(archive: Archive, item_id: int) -> ItemResult:
 
 def _ingest_set_aside(archive: Archive, job: Job, item: JobItem, reason: str) -> ItemResult:
     if not item.path or not Path(item.path).exists():
-        return ItemStatus.FAILED, "failed", reason
-    outcome = quarantine_file(archive, Path(item.path), reason, "WorkerLost", job_id=job.id)
-    return ItemStatus.QUARANTINED, outcome.outcome.value, reason
+        return ItemStatus.FAILED, ItemOutcome.FAILED, reason
+    quarantine_file(archive, Path(item.path), reason, "WorkerLost", job_id=job.id)
+    return ItemStatus.QUARANTINED, ItemOutcome.QUARANTINED, reason
 
 
 def _ingest_studies(session: Session, job: Job) -> set[int]:
@@ -133,7 +133,7 @@ def _recompress_one(archive: Archive, item_id: int) -> ItemResult:
             done = recompress_instance(archive, instance_id, policy)
         status, outcome, error = ItemStatus.DONE, done.outcome, done.reason or None
     except ArchiveError as exc:  # not verified (or no such policy): the previous encoding stays current
-        status, outcome, error = ItemStatus.FAILED, "failed", f"{type(exc).__name__}: {exc}"
+        status, outcome, error = ItemStatus.FAILED, ItemOutcome.FAILED, f"{type(exc).__name__}: {exc}"
     with archive.unit_of_work() as uow:
         finish_item(uow.session, item_id, status, outcome, error)
         uow.commit()
@@ -141,7 +141,7 @@ def _recompress_one(archive: Archive, item_id: int) -> ItemResult:
 
 
 def _recompress_set_aside(archive: Archive, job: Job, item: JobItem, reason: str) -> ItemResult:
-    return ItemStatus.FAILED, "failed", reason  # the archived generation stays current
+    return ItemStatus.FAILED, ItemOutcome.FAILED, reason  # the archived generation stays current
 
 
 def _recompress_studies(session: Session, job: Job) -> set[int]:

@@ -16,6 +16,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from archive.catalog.models import ItemStatus, JobItem
+from archive.kinds import ItemOutcome
 from archive.clock import aware_utc, utcnow
 from archive.services.runtime import Archive
 
@@ -92,7 +93,7 @@ def release_claims(archive: Archive, task_id: int, owner: str) -> None:
         pass
 
 
-def finish_item(session: Session, item_id: int, status: ItemStatus, outcome: str, error: str | None) -> None:
+def finish_item(session: Session, item_id: int, status: ItemStatus, outcome: ItemOutcome, error: str | None) -> None:
     session.execute(
         update(JobItem).where(JobItem.id == item_id).values(
             status=status, outcome=outcome, error=error, owner=None, lease_until=None, updated_at=utcnow()

@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from archive.catalog.models import EncodedFrame, Encoding, Instance, InstanceStatus, Series, Study
-from archive.kinds import EncodingKind, StorageMode
+from archive.kinds import EncodingKind, ItemOutcome, StorageMode
 from archive.codecs import decode_frame, get_codec
 from archive.config import RecompressPolicy
 from archive.errors import ArchiveError, BlobCorruptError, NotFoundError
@@ -34,9 +34,9 @@ from archive.services.runtime import Archive
 from archive.clock import aware_utc, utcnow
 from archive.services.totals import refresh_study_totals
 
-RECOMPRESSED = "recompressed"
-UNCHANGED = "unchanged"  # already in the target configuration (or another run did it)
-SKIPPED = "skipped"  # not (or no longer) a candidate of the policy
+RECOMPRESSED = ItemOutcome.RECOMPRESSED
+UNCHANGED = ItemOutcome.UNCHANGED  # already in the target configuration (or another run did it)
+SKIPPED = ItemOutcome.SKIPPED  # not (or no longer) a candidate of the policy
 OUTCOMES = (RECOMPRESSED, UNCHANGED, SKIPPED)
 _SCAN_BATCH = 1000
 
@@ -46,7 +46,7 @@ class RecompressResult:
     """What one call did to one instance; sizes are the pixel bytes of the current encoding."""
 
     instance_id: int
-    outcome: str  # one of OUTCOMES
+    outcome: ItemOutcome  # one of OUTCOMES
     reason: str
     bytes_before: int
     bytes_after: int
@@ -263,7 +263,7 @@ def release_encoding(archive: Archive, encoding_id: int, study_id: int) -> None:
 
 
 def _not_a_candidate(instance: Instance, current: Encoding | None, policy: RecompressPolicy,
-                     target: dict[str, Any]) -> tuple[str, str] | None:
+                     target: dict[str, Any]) -> tuple[ItemOutcome, str] | None:
     """(outcome, reason) when the instance must be left as it is, else None."""
     if instance.storage_mode is not StorageMode.PIXELS:
         return SKIPPED, f"stored {instance.storage_mode.value}, not as encoded frames"
