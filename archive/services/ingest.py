@@ -33,7 +33,7 @@ from archive.services.quarantine import quarantine_file
 from archive.services.recording import commit_staged, commit_staged_batch
 from archive.services.runtime import Archive
 from archive.services.staging import StagedInstance, lookup_session, stage_file
-from archive.services.totals import refresh_study_totals
+from archive.services.totals import refresh_totals
 
 __all__ = [
     "TRANSIENT_ERRNOS", "FileOutcome", "IngestReport", "Outcome", "StagedInstance", "commit_staged",
@@ -73,8 +73,7 @@ def ingest_paths(
         writer.add(result)
     writer.flush()
     with archive.unit_of_work() as uow:
-        for study_id in sorted(writer.touched):
-            refresh_study_totals(uow.session, study_id)
+        refresh_totals(uow.session, writer.touched)
         job = uow.session.get_one(Job, report.job_id)
         job.status = JobStatus.DONE
         job.finished_at = utcnow()

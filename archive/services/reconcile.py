@@ -19,7 +19,7 @@ from archive.services.job_kinds import handler_for, in_window
 from archive.services.leases import process_owner, reclaimable
 from archive.services.runtime import Archive
 from archive.services.submission import Dispatcher, dispatch
-from archive.services.totals import refresh_study_totals
+from archive.services.totals import refresh_totals
 
 def finalize_job(archive: Archive, job_id: int) -> bool:
     """Close a job whose items are all final: recompute totals from the catalog, release its spool folder.
@@ -48,8 +48,7 @@ def finalize_job(archive: Archive, job_id: int) -> bool:
             counts[outcome or status.value] += n
         counts["items"] = sum(v for k, v in counts.items() if k != "items")
         handler = handler_for(job)
-        for study_id in handler.studies_of(session, job):
-            refresh_study_totals(session, study_id)
+        refresh_totals(session, handler.studies_of(session, job))
         missing = _missing_blobs(archive, session, job_id) if handler.blobs_must_exist else []
         failed = counts.get("failed", 0)
         error = None

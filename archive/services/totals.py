@@ -2,35 +2,73 @@
 
 from __future__ import annotations
 
-from sqlalchemy import case, func, select
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from archive.catalog.models import Blob, Encoding, Instance, InstanceStatus, Series, Study
+from archive.clock import utcnow
 from archive.kinds import StorageMode
+
+_PAGE = 500
 
 
 def refresh_study_totals(session: Session, study_id: int) -> None:
-    """Recompute a study's and its series' counts and sizes (two aggregate queries)."""
-    study = session.get_one(Study, study_id)
+    """Recompute one study's and its series' counts and sizes."""
+    refresh_totals(session, [study_id])
+
+
+def refresh_totals(session: Session, study_ids: Iterable[int]) -> None:
+    """Recompute studies' and their series' counts and sizes: three aggregate queries per page of studies."""
+    ids = sorted(set(study_ids))
+    for start in range(0, len(ids), _PAGE):
+        _refresh_page(session, ids[start:start + _PAGE])
+
+
+def _refresh_page(session: Session, study_ids: list[int]) -> None:
     stored = case((Instance.status == InstanceStatus.STORED, 1), else_=0)
     per_series = session.execute(
-        select(Series.id, Series.modality, func.coalesce(func.sum(stored), 0),
+        select(Series.id, Series.study_id, Series.modality, func.coalesce(func.sum(stored), 0),
                func.coalesce(func.sum(Instance.source_size), 0))
         .outerjoin(Instance, Instance.series_id == Series.id)
-        .where(Series.study_id == study_id).group_by(Series.id, Series.modality)
+        .where(Series.study_id.in_(study_ids)).group_by(Series.id, Series.study_id, Series.modality)
     ).all()
-    in_study = Instance.series_id.in_(select(Series.id).where(Series.study_id == study_id))
-    headers = (select(func.coalesce(func.sum(Blob.size), 0)).join(Instance, Instance.header_blob == Blob.sha256)
-               .where(in_study).scalar_subquery())
-    pixels = (select(func.coalesce(func.sum(Encoding.bytes_after), 0))
-              .join(Instance, Encoding.instance_id == Instance.id)
-              .where(in_study, Encoding.is_current, Instance.storage_mode != StorageMode.WHOLE).scalar_subquery())
-    header_bytes, pixel_bytes = session.execute(select(headers, pixels)).one()
-    counts = {series_id: int(n) for series_id, _modality, n, _size in per_series}
-    study.num_series = len(per_series)
-    study.num_instances = sum(counts.values())
-    study.bytes_original = sum(int(size) for *_, size in per_series)
-    study.bytes_stored = int(header_bytes) + int(pixel_bytes)
-    study.modalities_in_study = "\\".join(sorted({m for _, m, _, _ in per_series if m})) or None
-    for series in study.series:
-        series.num_instances = counts.get(series.id, 0)
+    headers = dict(session.execute(
+        select(Series.study_id, func.coalesce(func.sum(Blob.size), 0))
+        .join(Instance, Instance.series_id == Series.id).join(Blob, Instance.header_blob == Blob.sha256)
+        .where(Series.study_id.in_(study_ids)).group_by(Series.study_id)
+    ).all())
+    pixels = dict(session.execute(
+        select(Series.study_id, func.coalesce(func.sum(Encoding.bytes_after), 0))
+        .join(Instance, Instance.series_id == Series.id).join(Encoding, Encoding.instance_id == Instance.id)
+        .where(Series.study_id.in_(study_ids), Encoding.is_current, Instance.storage_mode != StorageMode.WHOLE)
+        .group_by(Series.study_id)
+    ).all())
+    totals = {study_id: _Totals() for study_id in study_ids}
+    series_rows = []
+    for series_id, study_id, modality, count, size in per_series:
+        entry = totals[study_id]
+        entry.num_series += 1
+        entry.num_instances += int(count)
+        entry.bytes_original += int(size)
+        if modality:
+            entry.modalities.add(modality)
+        series_rows.append({"id": series_id, "num_instances": int(count)})
+    if series_rows:
+        session.execute(update(Series), series_rows)  # one executemany by primary key
+    session.execute(update(Study), [
+        {"id": study_id, "num_series": t.num_series, "num_instances": t.num_instances,
+         "bytes_original": t.bytes_original, "bytes_stored": int(headers.get(study_id, 0)) + int(pixels.get(study_id, 0)),
+         "modalities_in_study": "\\".join(sorted(t.modalities)) or None, "updated_at": utcnow()}
+        for study_id, t in totals.items()
+    ])
+
+
+@dataclass
+class _Totals:
+    num_series: int = 0
+    num_instances: int = 0
+    bytes_original: int = 0
+    modalities: set[str] = field(default_factory=set)
