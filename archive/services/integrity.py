@@ -259,12 +259,12 @@ def collect_garbage(
             report.deleted.append(digest)
     # a dry run deleted no rows: its compaction estimate must not count the packed ones it would delete as live
     doomed = {digest for digest, _, pack in rows if pack is not None} if dry_run else set()
-    compact_packs(archive, report, cutoff_ts, dry_run=dry_run, unreferenced=doomed)
+    compact_packs(archive, report, cutoff_ts, grace_seconds=grace_seconds, dry_run=dry_run, unreferenced=doomed)
     return report
 
 
 def compact_packs(
-    archive: Archive, report: GcReport, cutoff_ts: float, *, dry_run: bool = False,
+    archive: Archive, report: GcReport, cutoff_ts: float, *, grace_seconds: float = 0.0, dry_run: bool = False,
     unreferenced: set[str] | frozenset[str] = frozenset(),
 ) -> None:
     """Give back the space of dead records: copy a sealed pack's live blobs to a new pack, retire the old one.
@@ -301,7 +301,7 @@ def compact_packs(
                 continue
             if live and not _move_live_blobs(archive, info.name, live):
                 continue
-            packs.retire(info.name)
+            packs.retire(info.name, now=cutoff_ts + grace_seconds)
             report.packs_retired += 1
             report.packs_compacted += bool(live)
             report.pack_bytes_moved += sum(ref.size for ref in live)
@@ -311,12 +311,12 @@ def compact_packs(
 
 def _move_live_blobs(archive: Archive, pack: str, live: list[BlobRef]) -> bool:
     """Copy live blobs to this process's pack and point their rows there; False when one cannot be read."""
-    moved: list[tuple[BlobRef, BlobRef]] = []
-    for ref in live:
-        try:
-            moved.append((ref, archive.store.put(archive.store.get(ref))))
-        except (BlobCorruptError, BlobNotFoundError):
-            return False  # verify reports it; the pack stays until an administrator has looked
+    try:
+        for ref in live:  # every live blob must read intact before any is copied: no churn around a bad one
+            archive.store.get(ref)
+    except (BlobCorruptError, BlobNotFoundError):
+        return False  # verify reports it; the pack stays until an administrator has looked
+    moved = [(ref, archive.store.put(archive.store.get(ref))) for ref in live]
     archive.store.sync()
     with archive.unit_of_work() as uow:
         for old, new in moved:

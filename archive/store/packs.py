@@ -24,6 +24,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ class PackStore:
         self._dirty = False
         self._new_pack = False
         self._dir_synced: set[str] = set()  # packs of other processes whose folder entry this one made durable
+        _STORES.add(self)
 
     # ------------------------------------------------------------------ writing
 
@@ -169,9 +171,13 @@ class PackStore:
         if self._fd is None:
             self.root.mkdir(parents=True, exist_ok=True)
             name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{secrets.token_hex(4)}.pack"
-            fd = os.open(self.root / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            # created under a name compaction never lists, locked, then renamed: no moment in which
+            # the garbage collector could take an unlocked new pack for a sealed one
+            creating = self.root / f".creating-{name}"
+            fd = os.open(creating, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
             fcntl.flock(fd, fcntl.LOCK_EX)  # held while this process may append
             _write_all(fd, PACK_MAGIC)
+            os.rename(creating, self.root / name)
             self._fd, self._name, self._size, self._new_pack, self._dirty = fd, name, len(PACK_MAGIC), True, True
         return self._fd
 
@@ -293,6 +299,25 @@ class PackStore:
         if not _PACK_NAME.fullmatch(name):
             raise ValueError(f"not a pack name: {name!r}")
         return self.root / name
+
+
+_STORES: weakref.WeakSet[PackStore] = weakref.WeakSet()
+
+
+def _forget_parent_packs() -> None:
+    """In a forked child: close the copies of the parent's pack descriptors (the parent keeps its locks)."""
+    for store in list(_STORES):
+        if store._fd is not None:
+            try:
+                os.close(store._fd)
+            except OSError:
+                pass
+        store._fd, store._dirty, store._new_pack = None, False, False
+        store._pid = os.getpid()
+        store._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_parent_packs)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -49,8 +50,14 @@ def test_recompress_dry_run_then_by_hand_then_verify_and_gc(tmp_path: Path) -> N
     freed = _json(medarchive(home, "gc", "--grace", "0"))
     assert freed["blob_rows"] == 3  # the three JPEG-LS frames the JPEG-XL generation replaced
 
-    blob = next(p for p in (home / "blobs").rglob("*") if p.is_file())
-    blob.write_bytes(blob.read_bytes()[:-1] + b"\0")
+    with sqlite3.connect(home / "catalog.sqlite") as catalog:  # a frame still referenced, where the catalog says
+        pack, offset, size = catalog.execute(
+            "SELECT pack, \"offset\", size FROM blobs JOIN encoded_frames ON blob_sha256 = sha256 LIMIT 1").fetchone()
+    with open(home / "blobs" / "packs" / pack, "r+b") as handle:
+        handle.seek(offset + size - 1)
+        last = handle.read(1)
+        handle.seek(offset + size - 1)
+        handle.write(bytes([last[0] ^ 0xFF]))
     broken = medarchive(home, "verify")
     assert broken.returncode == 1 and "corrupt" in broken.stdout
 

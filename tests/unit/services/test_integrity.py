@@ -37,6 +37,7 @@ from tests.dicom_compare import read, stored_values
 
 TO_JPEGXL = RecompressPolicy(name="to-jpegxl", codec={"id": "jpegxl", "effort": 3})
 HOUR = 3600.0
+AFTER_GRACE = timedelta(hours=1, seconds=1)  # a later run, once a retired pack's grace period has passed
 
 
 def _ingest(archive: Archive, folder: Path, *names: str) -> dict[str, Path]:
@@ -309,7 +310,7 @@ def test_orphan_record_in_a_pack_of_its_own_goes_after_the_grace(archive: Archiv
     assert report.pack_bytes_reclaimable == orphan_pack_size and report.blob_rows == 0
     assert _live_packs(archive) == live_packs  # the live blobs' pack stays, however old
     assert archive.store.get(orphan)  # retired, not yet deleted
-    purge = collect_garbage(archive, grace_seconds=HOUR, now=later)
+    purge = collect_garbage(archive, grace_seconds=HOUR, now=later + AFTER_GRACE)
     assert purge.pack_bytes_freed == purge.bytes_freed == orphan_pack_size
     with pytest.raises(BlobNotFoundError):
         archive.store.get(orphan)
@@ -330,7 +331,7 @@ def test_orphan_record_among_live_ones_is_reclaimed_by_compaction_after_the_grac
     assert (report.packs_retired, report.packs_compacted) == (1, 1)
     assert report.pack_bytes_reclaimable == RECORD_HEADER + orphan.size
     assert report.pack_bytes_moved == sum(ref.size for ref in refs.values())
-    assert collect_garbage(archive, grace_seconds=HOUR, now=later).pack_bytes_freed > orphan.size
+    assert collect_garbage(archive, grace_seconds=HOUR, now=later + AFTER_GRACE).pack_bytes_freed > orphan.size
     with pytest.raises(BlobNotFoundError):
         archive.store.get(orphan)
     assert verify_blobs(archive).ok
@@ -370,7 +371,7 @@ def test_content_put_again_after_its_old_row_went_keeps_readable(archive: Archiv
     assert _refs(archive, [mr_old])[mr_old] == staged.frames[0]
     with archive.unit_of_work() as uow:
         assert read_blob(uow.session, archive.store, mr_old) == archive.store.get(staged.frames[0])
-    purge = collect_garbage(archive, grace_seconds=HOUR, now=later)  # the compacted ingest pack goes
+    purge = collect_garbage(archive, grace_seconds=HOUR, now=later + AFTER_GRACE)  # the compacted ingest pack goes
     assert purge.pack_bytes_freed > 0 and purge.blob_rows == 0
     assert verify_blobs(archive).ok
     _assert_retrieves_exactly(archive, sources, tmp_path / "out")
