@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import RawDataElement
 from pydicom.filereader import data_element_generator
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -34,6 +35,7 @@ def _pixel_span(source: bytes) -> tuple[int, int]:
     fp.seek(meta_end)
     for elem in data_element_generator(fp, False, True, defer_size=None):
         if elem.tag == 0x7FE00010:
+            assert isinstance(elem, RawDataElement)
             return elem.value_tell - 12, fp.tell()  # the generator has read the value (and any delimiter)
     raise AssertionError("no Pixel Data")
 

@@ -90,7 +90,8 @@ def test_one_batch_through_the_staging_pool(archive: Archive, tmp_path: Path) ->
     report = ingest_paths(archive, [inbox], jobs=2)
 
     assert [(o.path.name, o.outcome) for o in report.outcomes] == [
-        ("a-MR_small.dcm", Outcome.STORED), ("b-duplicate.dcm", Outcome.DUPLICATE), ("c-conflict.dcm", Outcome.CONFLICT)]
+        ("a-MR_small.dcm", Outcome.STORED), ("b-duplicate.dcm", Outcome.DUPLICATE),
+        ("c-conflict.dcm", Outcome.CONFLICT)]
     # decided by the writer against the same batch, not by a stager's look-up of committed rows
     assert "in this batch" in report.outcomes[1].reason
     assert "in this batch" in report.outcomes[2].reason
