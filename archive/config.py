@@ -175,6 +175,9 @@ class Settings:
         policies = overrides.get("policies")
         if policies is None:
             policies = _policies(file_values.get("policies", {}))
+        level = values.get("header_zstd_level", 9)
+        if not 1 <= level <= 22:  # whole objects record it as a zstd codec config, which takes 1..22
+            raise ConfigError(f"header_zstd_level must be between 1 and 22, not {level}")
         return cls(home=home, database_url=str(database_url), codec=codec, policies=policies, **values)
 
 

@@ -12,6 +12,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.tag import Tag
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
@@ -81,6 +83,28 @@ def serialize_header(ds: Dataset) -> SerializedHeader:
     part10 = buffer.getvalue()
     meta_end = 132 + 12 + int.from_bytes(part10[140:144], "little")
     return SerializedHeader(part10=part10, dataset_sha256=hashlib.sha256(part10[meta_end:]).hexdigest())
+
+
+def canonical_header_sha256(ds: Dataset) -> str:
+    """An identity of the header's elements that no encoding choice changes.
+
+    The data set without Pixel Data and group lengths, written as Implicit VR
+    Little Endian: the same elements kept as received in Explicit VR and
+    re-sent in Implicit VR (where private elements come back as UN) hash the
+    same. Used only to tell a re-sent copy from a conflict when the pixels
+    already match.
+    """
+    lifted = {tag: ds._dict.pop(tag) for tag in list(ds._dict) if tag in PIXEL_TAGS or tag.element == 0}
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            write_dataset(fp, ds)
+    finally:
+        ds._dict.update(lifted)
+    return hashlib.sha256(fp.getvalue()).hexdigest()
 
 
 def read_header(part10: bytes) -> Dataset:
@@ -173,6 +197,7 @@ __all__ = [
     "SerializedHeader",
     "attach_fragments",
     "attach_native_pixels",
+    "canonical_header_sha256",
     "original_target",
     "pack_frames",
     "read_header",

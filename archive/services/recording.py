@@ -18,10 +18,12 @@ from sqlalchemy.orm import Session
 
 from archive.catalog.models import EncodedFrame, Encoding, Instance, InstanceStatus, Series, Study
 from archive.clock import utcnow
-from archive.services.blobs import record_blobs, upsert
+from archive.dicom.writer import canonical_header_sha256, read_header
+from archive.services.blobs import read_blob, record_blobs, upsert
 from archive.services.outcomes import FileOutcome, Outcome
 from archive.services.staging import StagedInstance
 from archive.services.unit_of_work import UnitOfWork
+from archive.store import BlobRef
 
 _PAGE = 500
 
@@ -41,6 +43,8 @@ class Known(NamedTuple):
     conflict_seq: int
     instance_id: int | None
     batch_index: int | None = None  # position in the batch when it arrived in this one
+    header: BlobRef | str | None = None  # its header blob (a digest for archived rows)
+    dictionary: str | None = None  # the dictionary that header blob needs
 
 
 class Arrival(NamedTuple):
@@ -50,12 +54,22 @@ class Arrival(NamedTuple):
     first: Known | None  # CONFLICT: the first arrival with this SOP Instance UID
 
 
-def decide_arrival(identity: Identity, known: Sequence[Known]) -> Arrival:
+def decide_arrival(
+    identity: Identity, known: Sequence[Known], same_elements: frozenset[tuple[str, str]] = frozenset()
+) -> Arrival:
     """Duplicate when an instance with the same UID, header and pixels exists; conflict when the UID alone matches.
 
-    ``known`` holds every instance with this SOP Instance UID, first arrival first.
+    ``known`` holds every instance with this SOP Instance UID, first arrival
+    first. ``same_elements`` holds pairs of header hashes (known, arriving)
+    whose headers hold the same elements written differently (a copy re-sent
+    in another transfer syntax): those are the same header.
     """
-    same = next((k for k in known if k.identity == identity), None)
+    def same_header(k: Known) -> bool:
+        return (k.identity.header_sha256 == identity.header_sha256
+                or (k.identity.header_sha256, identity.header_sha256) in same_elements)
+
+    same = next((k for k in known if k.identity.sop_instance_uid == identity.sop_instance_uid
+                 and k.identity.pixel_sha256 == identity.pixel_sha256 and same_header(k)), None)
     if same is not None:
         return Arrival(Outcome.DUPLICATE, same.conflict_seq, same, None)
     if not known:
@@ -85,13 +99,14 @@ def commit_staged_batch(
     series_ids = _ensure_series(session, staged, study_ids)
 
     decisions: list[Arrival] = []
+    canonical = _CanonicalHeaders(uow)
     for index, item in enumerate(staged):
         identity = Identity(item.sop_instance_uid, item.header_sha256, item.pixel_sha256)
         earlier = known.setdefault(item.sop_instance_uid, [])
-        arrival = decide_arrival(identity, earlier)
+        arrival = decide_arrival(identity, earlier, canonical.same_elements(earlier, identity, item))
         decisions.append(arrival)
         if arrival.outcome is not Outcome.DUPLICATE:
-            earlier.append(Known(identity, arrival.conflict_seq, None, index))
+            earlier.append(Known(identity, arrival.conflict_seq, None, index, item.header, item.header_dictionary))
 
     # instances in two waves: a conflict whose first arrival is in this batch needs that row's id
     instance_ids: dict[int, int] = {}
@@ -155,12 +170,40 @@ def _known(session: Session, uids: Sequence[str]) -> dict[str, list[Known]]:
     for start in range(0, len(uids), _PAGE):
         for row in session.execute(
             select(Instance.id, Instance.sop_instance_uid, Instance.header_sha256, Instance.pixel_sha256,
-                   Instance.conflict_seq).where(Instance.sop_instance_uid.in_(uids[start:start + _PAGE]))
-            .order_by(Instance.conflict_seq)
+                   Instance.conflict_seq, Instance.header_blob, Instance.header_dictionary)
+            .where(Instance.sop_instance_uid.in_(uids[start:start + _PAGE])).order_by(Instance.conflict_seq)
         ):
             identity = Identity(row.sop_instance_uid, row.header_sha256, row.pixel_sha256)
-            known.setdefault(row.sop_instance_uid, []).append(Known(identity, row.conflict_seq, row.id))
+            known.setdefault(row.sop_instance_uid, []).append(
+                Known(identity, row.conflict_seq, row.id, None, row.header_blob, row.header_dictionary))
     return known
+
+
+class _CanonicalHeaders:
+    """Header identities independent of encoding, computed only when UID and pixels match but header hashes differ."""
+
+    def __init__(self, uow: UnitOfWork) -> None:
+        self.uow = uow
+        self.cache: dict[str, str] = {}  # header hash -> canonical hash
+
+    def same_elements(self, known: Sequence[Known], identity: Identity, item: StagedInstance) -> frozenset[tuple[str, str]]:
+        pairs = set()
+        for k in known:
+            if (k.identity.pixel_sha256 != identity.pixel_sha256 or k.header is None
+                    or k.identity.header_sha256 == identity.header_sha256):
+                continue
+            if self._canonical(k.identity.header_sha256, k.header, k.dictionary) == self._canonical(
+                    identity.header_sha256, item.header, item.header_dictionary):
+                pairs.add((k.identity.header_sha256, identity.header_sha256))
+        return frozenset(pairs)
+
+    def _canonical(self, header_sha256: str, header: BlobRef | str, dictionary: str | None) -> str:
+        if header_sha256 not in self.cache:
+            session, store = self.uow.session, self.uow.store
+            data = store.get(header) if isinstance(header, BlobRef) else read_blob(session, store, header)
+            part10 = self.uow.headers.decompress(session, data, dictionary)
+            self.cache[header_sha256] = canonical_header_sha256(read_header(part10))
+        return self.cache[header_sha256]
 
 
 def _ensure_studies(session: Session, staged: Sequence[StagedInstance]) -> dict[str, int]:

@@ -25,7 +25,7 @@ from archive.catalog.models import Instance
 from archive.codecs import Codec
 from archive.dicom.header import header_of
 from archive.dicom.reader import ParsedInstance, iter_fragments, iter_frames, read_instance
-from archive.dicom.writer import read_header, serialize_header
+from archive.dicom.writer import canonical_header_sha256, read_header
 from archive.errors import ArchiveError, InvalidDicomError, NotDicomError
 from archive.kinds import EncodingKind, StorageMode
 from archive.services.blobs import read_blob
@@ -181,7 +181,7 @@ def find_duplicate(archive: Archive, session: Session, read: _Read) -> FileOutco
     """The same SOP instance already archived: same pixels and the same header elements.
 
     Header hashes are compared first; when they differ but the pixels match,
-    both headers are re-serialised the same way and compared (an instance
+    both headers' elements are compared independently of their encoding (an instance
     kept as received and its copy re-sent in another transfer syntax are the
     same elements written differently).
     """
@@ -193,12 +193,11 @@ def find_duplicate(archive: Archive, session: Session, read: _Read) -> FileOutco
     ).all()
     same = next((row.id for row in rows if row.header_sha256 == read.header_sha256), None)
     if same is None and rows:
-        canonical = serialize_header(parsed.dataset).dataset_sha256
+        canonical = canonical_header_sha256(parsed.dataset)
         for row in rows:
             part10 = archive.headers.decompress(session, read_blob(session, archive.store, row.header_blob),
                                                 row.header_dictionary)
-            stored = serialize_header(read_header(part10))
-            if stored.dataset_sha256 == canonical:
+            if canonical_header_sha256(read_header(part10)) == canonical:
                 same = row.id
                 break
     if same is None:

@@ -161,8 +161,6 @@ def test_implicit_vr_copy_of_an_archived_file_is_a_duplicate(archive: Archive, t
     assert _instance_rows(archive) == rows
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the writer's decide_arrival compares header hashes only; an implicit-VR "
-                   "copy in the same batch as its original is recorded as a conflict")
 def test_implicit_vr_copy_in_the_same_batch_is_a_duplicate(sqlite_archive: Archive, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
@@ -173,8 +171,6 @@ def test_implicit_vr_copy_in_the_same_batch_is_a_duplicate(sqlite_archive: Archi
     assert [o.outcome for o in report.outcomes] == [Outcome.STORED, Outcome.DUPLICATE], report.outcomes
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: implicit VR cannot carry the VR of private elements pydicom does not "
-                   "know (read back as UN), and the canonical comparison compares VRs: the copy is a conflict")
 def test_implicit_vr_copy_with_private_elements_is_a_duplicate(sqlite_archive: Archive, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()

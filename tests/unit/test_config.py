@@ -138,6 +138,13 @@ def test_malformed_header_zstd_level(tmp_path: Path) -> None:
         Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_HEADER_ZSTD_LEVEL": "nine"})
 
 
+@pytest.mark.parametrize("level", ["0", "-1", "23"])
+def test_header_zstd_level_outside_what_zstd_configs_take(tmp_path: Path, level: str) -> None:
+    """Whole objects record the level in a zstd codec config, which must stay a recipe get_codec accepts."""
+    with pytest.raises(ConfigError, match="between 1 and 22"):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_HEADER_ZSTD_LEVEL": level})
+
+
 def test_service_settings_from_environment_and_file(tmp_path: Path) -> None:
     home = tmp_path / "h"
     _toml(home / "medarchive.toml", 'broker_url = "redis://file:6379/0"\nstable_age = 30\nchunk_size = 16\n'
