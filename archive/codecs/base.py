@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import importlib.metadata
 import logging
 from collections.abc import Mapping
@@ -178,7 +179,9 @@ def _strip(version: str) -> str:
     return version.rsplit(" ", 1)[-1]
 
 
+@functools.cache
 def dist_version(name: str) -> str:
+    """An installed distribution's version (cached: a metadata look-up costs about a millisecond)."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
