@@ -21,6 +21,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
+from pydicom.filereader import read_partial
+from pydicom.tag import BaseTag
 from pydicom.pixels.utils import iter_pixels
 from pydicom.uid import (
     UID,
@@ -64,6 +66,7 @@ _NOT_DICOM_MAGIC = {
     b"II*\x00": "a TIFF image",
     b"MM\x00*": "a TIFF image",
 }
+_SERIES_INSTANCE_UID = 0x0020000E
 _RECURSION_LIMIT = 20_000  # 200-level nested sequences are valid DICOM
 
 
@@ -151,18 +154,24 @@ def sniff(path: Path, head: bytes) -> None:
 def peek_uids(path: Path) -> tuple[str, str] | None:
     """Study and Series Instance UID from a file's header, or None when they cannot be read.
 
-    Cheap (stops before the pixels): the watcher groups files by study and
-    series with it before anything is decoded.
+    Cheap: parsing stops after (0020,000E), before private groups and pixels
+    (a file whose elements are out of order is grouped as unreadable, and
+    archived or quarantined by the worker like any other). The watcher and
+    ``ingest --wait`` group files by study and series with it.
     """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
-                             specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+        with open(path, "rb") as handle:
+            ds = read_partial(handle, stop_when=_past_series_uid, force=True)
         study, series = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
     except Exception:  # anything unreadable is grouped apart and quarantined by the worker
         return None
     if not study or not series:
         return None
     return str(study).strip("\x00 "), str(series).strip("\x00 ")
+
+
+def _past_series_uid(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+    return bool(tag > _SERIES_INSTANCE_UID)
 
 
 def read_instance(path: Path) -> ParsedInstance:

@@ -179,7 +179,7 @@ def _start_stager(parent: Archive, codec_config: dict[str, Any], job_id: int | N
     parent.engine.dispose(close=False)  # the parent's connections stay the parent's
     settings: Settings = parent.settings
     archive = Archive.open(settings, migrate=False)
-    archive.headers.refresh_seconds = 0.0  # the writer may train a dictionary any moment: look before each header
+    archive.headers.refresh_seconds = 0.05  # the writer may train a dictionary any moment: look often
     _stager = (archive, get_codec(codec_config), job_id, lookup_session(archive))
 
 

@@ -45,7 +45,7 @@ def finalize_job(archive: Archive, job_id: int) -> bool:
             select(JobItem.status, JobItem.outcome, func.count()).where(JobItem.job_id == job_id)
             .group_by(JobItem.status, JobItem.outcome)
         ):
-            counts[outcome or status.value] += n
+            counts[outcome.value if outcome else status.value] += n
         counts["items"] = sum(v for k, v in counts.items() if k != "items")
         handler = handler_for(job)
         refresh_totals(session, handler.studies_of(session, job))

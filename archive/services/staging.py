@@ -186,7 +186,7 @@ def find_duplicate(archive: Archive, session: Session, read: _Read) -> FileOutco
     same elements written differently).
     """
     parsed = read.parsed
-    rows = session.execute(
+    rows = session.connection().execute(  # Core: no ORM layer for a look-up made once per file
         select(Instance.id, Instance.header_sha256, Instance.header_blob, Instance.header_dictionary).where(
             Instance.sop_instance_uid == parsed.sop_instance_uid, Instance.pixel_sha256 == read.pixel_sha256,
         ).order_by(Instance.id)
