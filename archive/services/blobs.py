@@ -75,11 +75,14 @@ def upsert(
 
     Columns in ``refresh`` are overwritten on conflict; without any, the existing row is kept.
     """
+    rows = [values] if isinstance(values, dict) else values
+    if not rows:
+        return
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        statement: Any = pg_insert(model).values(values)
+        statement: Any = pg_insert(model)
     elif dialect == "sqlite":
-        statement = sqlite_insert(model).values(values)
+        statement = sqlite_insert(model)
     else:  # pragma: no cover - other databases are not supported yet
         raise ArchiveError(f"unsupported catalog database {dialect}")
     if refresh:
@@ -88,4 +91,5 @@ def upsert(
         )
     else:
         statement = statement.on_conflict_do_nothing(index_elements=[key])
-    session.execute(statement)
+    # one statement compiled once (cached), its rows sent as an executemany the driver batches
+    session.connection().execute(statement, rows)

@@ -132,20 +132,18 @@ def submit_paths(
     """
     files, skipped = discover(paths)
     groups = group_by_study(files)
+    codec = get_codec(archive.settings.codec).get_config()
     job_ids: list[int] = []
-    with archive.unit_of_work() as uow:
-        for study_uid, members in groups.items():
+    for study_uid, members in groups.items():  # each study is queued as soon as it is recorded
+        with archive.unit_of_work() as uow:
             job = create_job(
                 uow.session, kind=JobKind.INGEST, study_uid=study_uid or None,
                 items=[ItemSpec(path=str(p), series_uid=series) for p, series in members],
-                chunk_size=archive.settings.chunk_size,
-                params={"paths": [str(p) for p in paths], "codec": get_codec(archive.settings.codec).get_config()},
+                chunk_size=archive.settings.chunk_size, params={"paths": [str(p) for p in paths], "codec": codec},
             )
-            job_ids.append(job.id)
-        uow.commit()
-    for job_id in job_ids:
-        with archive.unit_of_work() as uow:
-            task_ids = job_task_ids(uow.session, job_id)
+            task_ids = job_task_ids(uow.session, job.id)
+            uow.commit()
+        job_ids.append(job.id)
         dispatch(archive, task_ids, dispatcher)
     return job_ids, skipped
 
