@@ -17,6 +17,8 @@ kind's handler's business (:mod:`archive.services.job_kinds`).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -28,18 +30,18 @@ from sqlalchemy.orm import Session
 from archive.catalog.models import FINAL_ITEM_STATUSES, ItemStatus, Job, JobItem, JobStatus, JobTask
 from archive.clock import utcnow
 from archive.codecs import Codec, get_codec
-from archive.errors import InstanceTimeLimitExceeded, NotFoundError, TransientError
+from archive.errors import NotFoundError, TransientError
 from archive.services.deadlines import fault_point, instance_deadline
 from archive.services.failures import is_transient
 from archive.services.job_kinds import handler_for, in_window, item_result
 from archive.services.leases import claim_item, finish_item, lease_seconds, process_owner, reclaimable, release_claims
 from archive.services.header_dictionaries import SampleCollector
 from archive.services.outcomes import FileOutcome, Outcome
-from archive.services.quarantine import quarantine_file, quarantine_unless_kept
+from archive.services.quarantine import quarantine_unless_kept
 from archive.services.reconcile import finalize_job
 from archive.services.recording import commit_staged_batch
 from archive.services.runtime import Archive
-from archive.services.staging import StagedInstance, stage_file
+from archive.services.staging import StagedInstance, stage_files
 
 @dataclass
 class TaskReport:
@@ -144,16 +146,20 @@ def _run_batch(archive: Archive, task_id: int, owner: str, report: TaskReport, p
     report.skipped_busy = plan.busy
     if not paths:
         return True  # every open instance is held by another live worker
-    staged: dict[int, StagedInstance | FileOutcome] = {}
-    with archive.unit_of_work() as reads:  # one session for the chunk's duplicate look-ups
-        for item_id, path in paths.items():
+    faulted: set[Path] = set()
+
+    @contextmanager
+    def guard(path: Path) -> Iterator[None]:
+        if path not in faulted:  # the test-only fault switch, once per instance
+            faulted.add(path)
             fault_point(str(path))
-            try:
-                with instance_deadline(settings.instance_time_limit):
-                    staged[item_id] = stage_file(archive, path, codec, job_id=job_id, session=reads.session,
-                                                 sync=False)
-            except InstanceTimeLimitExceeded as exc:
-                staged[item_id] = quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id)
+        with instance_deadline(settings.instance_time_limit):
+            yield
+
+    with archive.unit_of_work() as reads:  # one session, one duplicate look-up for the chunk
+        chunk = stage_files(archive, list(paths.values()), codec, job_id=job_id, session=reads.session,
+                            sync=False, guard=guard)
+    staged: dict[int, StagedInstance | FileOutcome] = dict(zip(paths, chunk))
     results: dict[int, StagedInstance | FileOutcome] = {
         item_id: quarantine_unless_kept(archive, r, job_id=job_id, keep_skipped=keep_skipped)
         if isinstance(r, FileOutcome) else r for item_id, r in staged.items()

@@ -90,7 +90,7 @@ def _ingest_one(archive: Archive, item_id: int) -> ItemResult:
         if is_transient(exc):
             raise
         reason = f"unexpected {type(exc).__name__} while recording: {exc}"
-        result = quarantine_file(archive, path, reason, type(exc).__name__, job_id=job_id)
+        quarantine_file(archive, path, reason, type(exc).__name__, job_id=job_id)
         status, label, error = ItemStatus.QUARANTINED, ItemOutcome.QUARANTINED, reason
         with archive.unit_of_work() as uow:
             finish_item(uow.session, item_id, status, label, error)

@@ -11,11 +11,12 @@ collector.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import select
@@ -26,7 +27,7 @@ from archive.codecs import Codec
 from archive.dicom.header import header_of
 from archive.dicom.reader import ParsedInstance, iter_fragments, iter_frames, read_instance
 from archive.dicom.writer import canonical_header_sha256, read_header
-from archive.errors import ArchiveError, InvalidDicomError, NotDicomError
+from archive.errors import ArchiveError, InstanceTimeLimitExceeded, InvalidDicomError, NotDicomError
 from archive.kinds import EncodingKind, StorageMode
 from archive.services.blobs import read_blob
 from archive.services.encoding import encode_frames, pixel_hash
@@ -36,6 +37,9 @@ from archive.services.quarantine import quarantine_file
 from archive.services.runtime import Archive
 from archive.store import BlobRef, BlobStore
 from archive.store.compression import compress_bytes
+
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -104,6 +108,17 @@ class _Read:
     frames: list[np.ndarray] | None = None  # decoded stored values (PIXELS)
     fragments: list[bytes] | None = None  # original compressed frames (PASSTHROUGH)
 
+    @property
+    def pixel_bytes(self) -> int:
+        """Memory held until the write phase."""
+        if self.frames is not None:
+            return sum(frame.nbytes for frame in self.frames)
+        return len(self.parsed.source_bytes)
+
+
+Guard = Callable[[Path], AbstractContextManager[object]]
+MAX_PENDING_BYTES = 256 * 1024**2  # decoded pixels held between the read and the write phase
+
 
 def stage_file(
     archive: Archive, path: Path, codec: Codec, *, job_id: int | None = None, session: Session | None = None,
@@ -116,8 +131,68 @@ def stage_file(
     and makes the whole batch durable at once (``ArchiveStore.make_durable``)
     before committing it.
     """
+    return stage_files(archive, [path], codec, job_id=job_id, session=session, sync=sync)[0]
+
+
+def stage_files(
+    archive: Archive, paths: Sequence[Path], codec: Codec, *, job_id: int | None = None,
+    session: Session | None = None, sync: bool = True, guard: Guard | None = None,
+) -> list[StagedInstance | FileOutcome]:
+    """Stage several files: read them, look their SOP instances up in one query, then encode and write.
+
+    ``guard(path)`` wraps each file's read and its write (the batch service's
+    per-instance time limit); an instance that exceeds it is quarantined.
+    Decoded pixels wait between the phases up to ``MAX_PENDING_BYTES``.
+    """
+    results: list[StagedInstance | FileOutcome | None] = [None] * len(paths)
+    pending: list[tuple[int, _Read]] = []
+    pending_bytes = 0
+    with _lookups(archive, session) as lookups:
+
+        def write_pending() -> None:
+            duplicates = find_duplicates(archive, lookups, [read for _, read in pending])
+            for index, read in pending:
+                duplicate = duplicates.get(id(read))
+                if duplicate is not None:
+                    results[index] = duplicate
+                else:
+                    write = partial(_stage_write, archive, lookups, read, codec, job_id)
+                    results[index] = _guarded(archive, paths[index], job_id, guard, write)
+            pending.clear()
+
+        for index, path in enumerate(paths):
+            outcome = _guarded(archive, path, job_id, guard, partial(_read_or_outcome, archive, path, job_id))
+            if isinstance(outcome, (StagedInstance, FileOutcome)):
+                results[index] = outcome
+                continue
+            pending.append((index, outcome))
+            pending_bytes += outcome.pixel_bytes
+            if pending_bytes >= MAX_PENDING_BYTES:
+                write_pending()
+                pending_bytes = 0
+        write_pending()
+    if sync:
+        archive.store.sync()  # durable before anyone commits rows that reference them
+    assert all(r is not None for r in results)
+    return [r for r in results if r is not None]
+
+
+def _guarded(archive: Archive, path: Path, job_id: int | None, guard: Guard | None,
+             step: Callable[[], _T]) -> _T | FileOutcome:
+    if guard is None:
+        return step()
     try:
-        read = _read(path)
+        with guard(path):
+            return step()
+    except InstanceTimeLimitExceeded as exc:
+        return quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id)
+
+
+def _read_or_outcome(archive: Archive, path: Path, job_id: int | None) -> _Read | FileOutcome:
+    try:
+        return _read(path)
+    except InstanceTimeLimitExceeded:
+        raise
     except NotDicomError as exc:
         return FileOutcome(path, Outcome.SKIPPED, str(exc))
     except InvalidDicomError as exc:
@@ -129,17 +204,17 @@ def stage_file(
     except Exception as exc:  # a reader or decoder bug on odd input must not stop the batch
         reason = f"unexpected {type(exc).__name__} while reading: {exc}"
         return quarantine_file(archive, path, reason, type(exc).__name__, job_id=job_id)
-    with _lookups(archive, session) as lookups:
-        duplicate = find_duplicate(archive, lookups, read)
-        if duplicate is not None:
-            return duplicate
-        try:
-            staged = _write(archive.store, archive.headers, lookups, read, codec, archive.settings.header_zstd_level)
-        except ArchiveError as exc:
-            return quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id)
-    if sync:
-        archive.store.sync()  # durable before anyone commits rows that reference them
-    return staged
+
+
+def _stage_write(archive: Archive, lookups: Session, read: _Read, codec: Codec, job_id: int | None
+                 ) -> StagedInstance | FileOutcome:
+    try:
+        return _write(archive.store, archive.headers, lookups, read, codec, archive.settings.header_zstd_level)
+    except InstanceTimeLimitExceeded:
+        raise
+    except ArchiveError as exc:
+        path = read.parsed.source_path
+        return quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id)
 
 
 @contextmanager
@@ -177,33 +252,42 @@ def _read(path: Path) -> _Read:
     return _Read(parsed, header.part10, header.dataset_sha256, hasher.hexdigest())
 
 
-def find_duplicate(archive: Archive, session: Session, read: _Read) -> FileOutcome | None:
-    """The same SOP instance already archived: same pixels and the same header elements.
+def find_duplicates(archive: Archive, session: Session, reads: Sequence[_Read]) -> dict[int, FileOutcome]:
+    """Reads whose SOP instance is already archived (same pixels, same header elements), by ``id(read)``.
 
-    Header hashes are compared first; when they differ but the pixels match,
-    both headers' elements are compared independently of their encoding (an instance
-    kept as received and its copy re-sent in another transfer syntax are the
-    same elements written differently).
+    One query for all of them. Header hashes are compared first; when they
+    differ but the pixels match, both headers' elements are compared
+    independently of their encoding (an instance kept as received and its copy
+    re-sent in another transfer syntax are the same elements written
+    differently).
     """
-    parsed = read.parsed
-    rows = session.connection().execute(  # Core: no ORM layer for a look-up made once per file
-        select(Instance.id, Instance.header_sha256, Instance.header_blob, Instance.header_dictionary).where(
-            Instance.sop_instance_uid == parsed.sop_instance_uid, Instance.pixel_sha256 == read.pixel_sha256,
-        ).order_by(Instance.id)
-    ).all()
-    same = next((row.id for row in rows if row.header_sha256 == read.header_sha256), None)
-    if same is None and rows:
-        canonical = canonical_header_sha256(parsed.dataset)
-        for row in rows:
-            part10 = archive.headers.decompress(session, read_blob(session, archive.store, row.header_blob),
-                                                row.header_dictionary)
-            if canonical_header_sha256(read_header(part10)) == canonical:
-                same = row.id
-                break
-    if same is None:
-        return None
-    return FileOutcome(parsed.source_path, Outcome.DUPLICATE, f"same SOP instance as already archived (instance {same})",
-                       study_uid=parsed.study_uid)
+    uids = sorted({read.parsed.sop_instance_uid for read in reads})
+    known: dict[tuple[str, str | None], list[Any]] = {}
+    for start in range(0, len(uids), 500):
+        for row in session.connection().execute(  # Core: no ORM layer
+            select(Instance.id, Instance.sop_instance_uid, Instance.pixel_sha256, Instance.header_sha256,
+                   Instance.header_blob, Instance.header_dictionary)
+            .where(Instance.sop_instance_uid.in_(uids[start:start + 500])).order_by(Instance.id)
+        ):
+            known.setdefault((row.sop_instance_uid, row.pixel_sha256), []).append(row)
+    found: dict[int, FileOutcome] = {}
+    for read in reads:
+        parsed = read.parsed
+        rows = known.get((parsed.sop_instance_uid, read.pixel_sha256), [])
+        same = next((row.id for row in rows if row.header_sha256 == read.header_sha256), None)
+        if same is None and rows:
+            canonical = canonical_header_sha256(parsed.dataset)
+            for row in rows:
+                part10 = archive.headers.decompress(session, read_blob(session, archive.store, row.header_blob),
+                                                    row.header_dictionary)
+                if canonical_header_sha256(read_header(part10)) == canonical:
+                    same = row.id
+                    break
+        if same is not None:
+            found[id(read)] = FileOutcome(parsed.source_path, Outcome.DUPLICATE,
+                                          f"same SOP instance as already archived (instance {same})",
+                                          study_uid=parsed.study_uid)
+    return found
 
 
 def _write(
