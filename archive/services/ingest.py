@@ -32,7 +32,7 @@ from archive.services.outcomes import TRANSIENT_ERRNOS, FileOutcome, IngestRepor
 from archive.services.quarantine import quarantine_file
 from archive.services.recording import commit_staged, commit_staged_batch
 from archive.services.runtime import Archive
-from archive.services.staging import StagedInstance, lookup_session, stage_file
+from archive.services.staging import StagedInstance, lookup_session, stage_file, stage_files
 from archive.services.totals import refresh_totals
 
 __all__ = [
@@ -42,7 +42,8 @@ __all__ = [
 ]
 
 COMMIT_BATCH = 200  # most instances in one catalog transaction
-LOOKAHEAD_PER_JOB = 4  # files staged ahead of the writer, per staging process
+STAGE_CHUNK = 4  # files staged together: one duplicate look-up, one message between processes
+LOOKAHEAD_PER_JOB = 2  # chunks staged ahead of the writer, per staging process
 FLUSH_SECONDS = 1.0  # at a series boundary, commit what is pending once it has waited this long
 
 
@@ -152,23 +153,25 @@ def _stage_all(
 ) -> Iterator[StagedInstance | FileOutcome]:
     """Staged results in file order: in this process, or from a pool of forked staging processes."""
     jobs = max(1, min(jobs, len(files)))
+    chunks = [[str(p) for p in files[i:i + STAGE_CHUNK]] for i in range(0, len(files), STAGE_CHUNK)]
     if jobs == 1 or "fork" not in multiprocessing.get_all_start_methods():
         with lookup_session(archive) as lookups:
-            for path in files:
-                yield stage_file(archive, path, codec, job_id=job_id, session=lookups, sync=False)
+            for chunk in chunks:
+                yield from stage_files(archive, [Path(p) for p in chunk], codec, job_id=job_id, session=lookups,
+                                       sync=False)
         return
     # fork: the children share what this process imported; each opens its own engine and pack
     context = multiprocessing.get_context("fork")
     with context.Pool(jobs, initializer=_start_stager, initargs=(archive, codec.get_config(), job_id)) as pool:
-        # a bounded window of files in flight: results come back in order, and staging never runs so far
+        # a bounded window of chunks in flight: results come back in order, and staging never runs so far
         # ahead that what the writer learns (a header dictionary) comes too late for the files that follow
-        in_flight: deque[AsyncResult[StagedInstance | FileOutcome]] = deque()
-        for path in files:
-            in_flight.append(pool.apply_async(_stage_one, (str(path),)))
+        in_flight: deque[AsyncResult[list[StagedInstance | FileOutcome]]] = deque()
+        for chunk in chunks:
+            in_flight.append(pool.apply_async(_stage_chunk, (chunk,)))
             if len(in_flight) >= LOOKAHEAD_PER_JOB * jobs:
-                yield in_flight.popleft().get()
+                yield from in_flight.popleft().get()
         while in_flight:
-            yield in_flight.popleft().get()
+            yield from in_flight.popleft().get()
 
 
 _stager: tuple[Archive, Codec, int | None, Session] | None = None
@@ -183,7 +186,7 @@ def _start_stager(parent: Archive, codec_config: dict[str, Any], job_id: int | N
     _stager = (archive, get_codec(codec_config), job_id, lookup_session(archive))
 
 
-def _stage_one(path: str) -> StagedInstance | FileOutcome:
+def _stage_chunk(paths: list[str]) -> list[StagedInstance | FileOutcome]:
     assert _stager is not None
     archive, codec, job_id, lookups = _stager
-    return stage_file(archive, Path(path), codec, job_id=job_id, session=lookups, sync=False)
+    return stage_files(archive, [Path(p) for p in paths], codec, job_id=job_id, session=lookups, sync=False)
