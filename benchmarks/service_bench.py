@@ -381,7 +381,7 @@ def _profile_tops(path: Path, n: int = 25) -> dict[str, list[str]]:
 def _catalog_summary(archive: Archive) -> dict[str, Any]:
     with archive.unit_of_work() as uow:
         s = uow.session
-        outcomes = {str(o or st.value): n for st, o, n in s.execute(
+        outcomes = {(o.value if o else st.value): n for st, o, n in s.execute(
             select(JobItem.status, JobItem.outcome, func.count()).group_by(JobItem.status, JobItem.outcome))}
         job_status = {st.value: n for st, n in s.execute(select(Job.status, func.count()).group_by(Job.status))}
         deliveries = s.scalar(select(func.coalesce(func.sum(JobTask.deliveries), 0))) or 0
