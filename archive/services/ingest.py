@@ -13,7 +13,9 @@ import multiprocessing
 import os
 import time
 from collections import deque
-from multiprocessing.pool import AsyncResult
+from contextlib import contextmanager
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from archive.clock import utcnow
 from archive.codecs import Codec, get_codec
 from archive.config import Settings
 from archive.kinds import JobKind
+from archive.services.deadlines import fault_point
 from archive.services.discovery import discover, is_hidden_or_temporary
 from archive.services.encoding import encode_frames, pixel_hash
 from archive.services.header_dictionaries import SampleCollector
@@ -160,18 +163,66 @@ def _stage_all(
                 yield from stage_files(archive, [Path(p) for p in chunk], codec, job_id=job_id, session=lookups,
                                        sync=False)
         return
-    # fork: the children share what this process imported; each opens its own engine and pack
-    context = multiprocessing.get_context("fork")
-    with context.Pool(jobs, initializer=_start_stager, initargs=(archive, codec.get_config(), job_id)) as pool:
-        # a bounded window of chunks in flight: results come back in order, and staging never runs so far
-        # ahead that what the writer learns (a header dictionary) comes too late for the files that follow
-        in_flight: deque[AsyncResult[list[StagedInstance | FileOutcome]]] = deque()
-        for chunk in chunks:
-            in_flight.append(pool.apply_async(_stage_chunk, (chunk,)))
-            if len(in_flight) >= LOOKAHEAD_PER_JOB * jobs:
-                yield from in_flight.popleft().get()
-        while in_flight:
-            yield from in_flight.popleft().get()
+    yield from _StagingPool(archive, codec, job_id, jobs).stage(chunks)
+
+
+class _StagingPool:
+    """Forked staging processes, fed a bounded window of chunks; results come back in file order.
+
+    The children share what this process imported; each opens its own engine
+    and pack. A child that dies (a decoder crash, the kernel's OOM killer)
+    breaks the pool: the files that were in flight are then staged one at a
+    time in a fresh pool, and the one that takes its process down again is
+    quarantined with the reason, as the batch service does with a poison
+    instance; the rest of the ingest goes on.
+    """
+
+    def __init__(self, archive: Archive, codec: Codec, job_id: int | None, jobs: int) -> None:
+        self.archive, self.codec, self.job_id, self.jobs = archive, codec, job_id, jobs
+
+    def _executor(self, workers: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_start_stager, initargs=(self.archive, self.codec.get_config(), self.job_id))
+
+    def stage(self, chunks: list[list[str]]) -> Iterator[StagedInstance | FileOutcome]:
+        # the window keeps staging from running so far ahead that what the writer learns (a header
+        # dictionary) comes too late for the files that follow
+        window = LOOKAHEAD_PER_JOB * self.jobs
+        pending = deque(chunks)
+        while pending:
+            executor = self._executor(self.jobs)
+            in_flight: deque[tuple[list[str], Future[list[StagedInstance | FileOutcome]]]] = deque()
+            try:
+                while pending or in_flight:
+                    while pending and len(in_flight) < window:
+                        chunk = pending.popleft()
+                        in_flight.append((chunk, executor.submit(_stage_chunk, chunk)))
+                    chunk, future = in_flight[0]
+                    try:
+                        results = future.result()
+                    except BrokenProcessPool:
+                        suspects = [path for chunk, _ in in_flight for path in chunk]
+                        in_flight.clear()
+                        yield from self._one_at_a_time(suspects)
+                        break  # a fresh pool for what is left
+                    in_flight.popleft()
+                    yield from results
+            finally:
+                executor.shutdown(wait=True, cancel_futures=True)
+
+    def _one_at_a_time(self, paths: list[str]) -> Iterator[StagedInstance | FileOutcome]:
+        executor = self._executor(1)
+        try:
+            for path in paths:
+                try:
+                    yield from executor.submit(_stage_chunk, [path]).result()
+                except BrokenProcessPool:
+                    executor.shutdown(wait=True)
+                    executor = self._executor(1)
+                    reason = "the staging process died while reading or encoding this file (a decoder crash or out of memory)"
+                    yield quarantine_file(self.archive, Path(path), reason, "StagingProcessDied", job_id=self.job_id)
+        finally:
+            executor.shutdown(wait=True)
 
 
 _stager: tuple[Archive, Codec, int | None, Session] | None = None
@@ -189,4 +240,12 @@ def _start_stager(parent: Archive, codec_config: dict[str, Any], job_id: int | N
 def _stage_chunk(paths: list[str]) -> list[StagedInstance | FileOutcome]:
     assert _stager is not None
     archive, codec, job_id, lookups = _stager
-    return stage_files(archive, [Path(p) for p in paths], codec, job_id=job_id, session=lookups, sync=False)
+    return stage_files(archive, [Path(p) for p in paths], codec, job_id=job_id, session=lookups, sync=False,
+                       guard=_fault_switch)
+
+
+@contextmanager
+def _fault_switch(path: Path) -> Iterator[None]:
+    """The test-only fault switch (``MEDARCHIVE_FAULT_KILL``): a staging process that dies on one file."""
+    fault_point(str(path))
+    yield

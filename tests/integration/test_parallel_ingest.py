@@ -180,3 +180,27 @@ def test_implicit_vr_copy_with_private_elements_is_a_duplicate(sqlite_archive: A
     assert [o.outcome for o in ingest_paths(sqlite_archive, [source]).outcomes] == [Outcome.STORED]
     report = ingest_paths(sqlite_archive, [copy])
     assert [o.outcome for o in report.outcomes] == [Outcome.DUPLICATE], report.outcomes
+
+
+def test_a_staging_process_that_dies_costs_one_quarantined_file(
+    inbox: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that kills its staging process (the test-only MEDARCHIVE_FAULT_KILL switch stands in for a
+    decoder crash) is found by staging the files in flight one at a time; it is quarantined with the reason
+    and every other file is archived: no hang, no crash, nothing dropped."""
+    poison = f"{PHILIPS}/005.dcm"
+    monkeypatch.setenv("MEDARCHIVE_FAULT_KILL", poison)
+    archive = _open(tmp_path / "home")
+    try:
+        report = ingest_paths(archive, [inbox], jobs=2)
+        by_name = {str(o.path.relative_to(inbox)): o for o in report.outcomes}
+        assert by_name[poison].outcome is Outcome.QUARANTINED
+        assert "staging process died" in by_name[poison].reason
+        assert len(report.outcomes) == 17 and report.instances == 14  # 12 MR + 3 CT, less the poison one
+        assert report.count(Outcome.QUARANTINED) == 2  # and the truncated file, as always
+        copies = [p.name for p in archive.settings.quarantine_dir.rglob("*005.dcm")]
+        assert copies, "the poison file is kept in quarantine"
+        with archive.unit_of_work() as uow:
+            assert uow.session.scalar(select(Instance.id).where(Instance.source_path.endswith("005.dcm"))) is None
+    finally:
+        archive.close()
