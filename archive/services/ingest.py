@@ -1,10 +1,12 @@
 """Use case: ingest files and folders. Sources are only ever read.
 
 Staging (read, classify, encode, decode to verify, hash, write blobs) runs in
-a pool of ``jobs`` worker processes, or in this process when ``jobs`` is 1;
-this process is the one writer: it commits the staged instances' catalog
-rows in batches (a series, or ``commit_batch`` instances, whichever comes
-first). Blobs are durable before the rows that reference them are committed.
+a pool of ``jobs`` forked processes, or in this process when ``jobs`` is 1;
+this process is the one writer: it commits the staged instances' catalog rows
+in batches (``COMMIT_BATCH`` instances, or a series boundary once
+``FLUSH_SECONDS`` have passed). Blobs are durable before the rows that
+reference them are committed. The names other modules and the tests import
+from the ingest pipeline are re-exported here.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import multiprocessing
 import os
 import time
 from collections import deque
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,8 @@ from archive.services.totals import refresh_totals
 
 __all__ = [
     "TRANSIENT_ERRNOS", "FileOutcome", "IngestReport", "Outcome", "StagedInstance", "commit_staged",
-    "commit_staged_batch", "default_jobs", "discover", "encode_frames", "ingest_file", "ingest_paths", "is_hidden_or_temporary",
-    "pixel_hash", "quarantine_file", "stage_file",
+    "commit_staged_batch", "default_jobs", "discover", "encode_frames", "ingest_file", "ingest_paths",
+    "is_hidden_or_temporary", "pixel_hash", "quarantine_file", "stage_file",
 ]
 
 COMMIT_BATCH = 200  # most instances in one catalog transaction
