@@ -50,7 +50,7 @@ from archive.config import Settings
 from archive.dicom.reader import iter_frames, read_instance
 from archive.errors import ArchiveError, NotDicomError
 from archive.kinds import StorageMode
-from archive.services.ingest import Outcome, discover, ingest_paths
+from archive.services.ingest import default_jobs, Outcome, discover, ingest_paths
 from archive.services.runtime import Archive
 
 MB: Final[float] = 1e6
@@ -253,7 +253,7 @@ def run_ingest_benchmark(
     if workdir is not None and not Path(workdir).is_dir():
         raise ArchiveError(f"--workdir: not a folder: {workdir}")
     server = server_url(database_url) if database_url else None
-    cores = os.cpu_count() or 1
+    cores = default_jobs()
     parallel = jobs if jobs is not None else cores
     job_counts = [1] if parallel == 1 else [1, parallel]
     say = progress or (lambda _message: None)

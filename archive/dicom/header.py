@@ -45,8 +45,10 @@ def kept_header(parsed: ParsedInstance) -> SerializedHeader | None:
     if span is None:
         return None
     start, end = span
-    body = data[meta_end:start] + data[end:]
-    return SerializedHeader(part10=data[:start] + data[end:], dataset_sha256=hashlib.sha256(body).hexdigest(),
+    view = memoryview(data)
+    identity = hashlib.sha256(view[meta_end:start])  # the data set without Pixel Data, hashed in place
+    identity.update(view[end:])
+    return SerializedHeader(part10=data[:start] + data[end:], dataset_sha256=identity.hexdigest(),
                             kept=True)
 
 

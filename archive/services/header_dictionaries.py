@@ -64,6 +64,11 @@ class HeaderDictionaries:
         digest, compressor = current
         return compressor.compress(header), digest
 
+    def read_header(self, session: Session, header: BlobRef | str, dictionary: str | None) -> bytes:
+        """An instance's header blob (a ref, or a digest the catalog locates), decompressed: Part 10 without pixels."""
+        data = self.store.get(header) if isinstance(header, BlobRef) else read_blob(session, self.store, header)
+        return self.decompress(session, data, dictionary)
+
     def decompress(self, session: Session, data: bytes, dictionary: str | None) -> bytes:
         if dictionary is None:
             return decompress_bytes(data)
@@ -113,20 +118,20 @@ def train(session: Session, store: BlobStore, key: str, samples: Sequence[BlobRe
     if len(samples) < MIN_SAMPLES:
         return None
     headers: list[bytes | bytearray | memoryview] = []
-    total = 0
+    plain = total = 0  # the samples are plain-compressed blobs: their sizes are what no dictionary costs
     for ref in samples:  # staged, maybe not committed yet: read where staging put them
         header = decompress_bytes(store.get(ref))
         if total + len(header) > MAX_SAMPLE_BYTES and len(headers) >= MIN_SAMPLES:
             break
         headers.append(header)
         total += len(header)
+        plain += ref.size
     try:
         trained = zstandard.train_dictionary(DICTIONARY_BYTES, headers, level=level)
     except zstandard.ZstdError:
         return None  # too little material to learn from
     raw = trained.as_bytes()
     compressor = zstandard.ZstdCompressor(level=level, dict_data=trained)
-    plain = sum(len(compress_bytes(bytes(h), level)) for h in headers)
     with_dictionary = sum(len(compressor.compress(h)) for h in headers)
     if with_dictionary + len(raw) >= plain:
         return None  # does not pay even on the headers it was trained on

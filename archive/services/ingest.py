@@ -42,7 +42,7 @@ from archive.services.totals import refresh_totals
 
 __all__ = [
     "TRANSIENT_ERRNOS", "FileOutcome", "IngestReport", "Outcome", "StagedInstance", "commit_staged",
-    "commit_staged_batch", "default_jobs", "discover", "encode_frames", "ingest_file", "ingest_paths",
+    "commit_staged_batch", "default_jobs", "discover", "encode_frames", "ingest_paths",
     "is_hidden_or_temporary", "pixel_hash", "quarantine_file", "stage_file",
 ]
 
@@ -92,17 +92,6 @@ def ingest_paths(
 def default_jobs() -> int:
     """One staging process per core this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def ingest_file(archive: Archive, path: Path, codec: Codec, *, job_id: int | None = None) -> tuple[FileOutcome, int | None]:
-    """Archive one file in its own unit of work; never raises for bad input (the outcome says what happened)."""
-    staged = stage_file(archive, path, codec, job_id=job_id)
-    if isinstance(staged, FileOutcome):
-        return staged, None
-    with archive.unit_of_work() as uow:
-        outcome, study_id = commit_staged(uow, staged, job_id)
-        uow.commit()
-    return outcome, study_id
 
 
 class _BatchWriter:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import time
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from archive.catalog.models import Instance, ItemStatus, Job, JobItem, Series, Study
@@ -107,10 +107,7 @@ def _ingest_set_aside(archive: Archive, job: Job, item: JobItem, reason: str) ->
 
 def _ingest_studies(session: Session, job: Job) -> set[int]:
     query = select(Series.study_id).join(Instance, Instance.series_id == Series.id).where(Instance.job_id == job.id)
-    ids = set(session.scalars(query.distinct()))
-    if job.study_uid:
-        ids.update(session.scalars(select(Study.id).where(Study.study_uid == job.study_uid)))
-    return ids
+    return _with_job_study(session, job, query)
 
 
 # --------------------------------------------------------------------------- re-compression
@@ -147,6 +144,11 @@ def _recompress_set_aside(archive: Archive, job: Job, item: JobItem, reason: str
 def _recompress_studies(session: Session, job: Job) -> set[int]:
     query = (select(Series.study_id).join(Instance, Instance.series_id == Series.id)
              .join(JobItem, JobItem.source_instance_id == Instance.id).where(JobItem.job_id == job.id))
+    return _with_job_study(session, job, query)
+
+
+def _with_job_study(session: Session, job: Job, query: Select[int]) -> set[int]:
+    """The studies ``query`` finds, and the study the job was created for (which may have got no instance)."""
     ids = set(session.scalars(query.distinct()))
     if job.study_uid:
         ids.update(session.scalars(select(Study.id).where(Study.study_uid == job.study_uid)))

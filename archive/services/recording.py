@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from archive.catalog.models import EncodedFrame, Encoding, Instance, InstanceStatus, Series, Study
 from archive.clock import utcnow
 from archive.dicom.writer import canonical_header_sha256, read_header
-from archive.services.blobs import read_blob, record_blobs, upsert
+from archive.services.blobs import record_blobs, upsert
 from archive.services.outcomes import FileOutcome, Outcome
 from archive.services.staging import StagedInstance
 from archive.services.unit_of_work import UnitOfWork
@@ -123,7 +123,11 @@ def commit_staged_batch(
             first = arrival.first
             conflict_of = None
             if first is not None:
-                conflict_of = first.instance_id if first.instance_id is not None else instance_ids[first.batch_index or 0]
+                if first.instance_id is not None:
+                    conflict_of = first.instance_id
+                else:  # the first arrival is earlier in this batch: inserted in the first wave
+                    assert first.batch_index is not None
+                    conflict_of = instance_ids[first.batch_index]
             rows.append(dict(
                 item.instance, series_id=series_ids[item.series_uid], conflict_seq=arrival.conflict_seq,
                 status=InstanceStatus.CONFLICT if first is not None else InstanceStatus.STORED,
@@ -199,9 +203,7 @@ class _CanonicalHeaders:
 
     def _canonical(self, header_sha256: str, header: BlobRef | str, dictionary: str | None) -> str:
         if header_sha256 not in self.cache:
-            session, store = self.uow.session, self.uow.store
-            data = store.get(header) if isinstance(header, BlobRef) else read_blob(session, store, header)
-            part10 = self.uow.headers.decompress(session, data, dictionary)
+            part10 = self.uow.headers.read_header(self.uow.session, header, dictionary)
             self.cache[header_sha256] = canonical_header_sha256(read_header(part10))
         return self.cache[header_sha256]
 

@@ -29,7 +29,6 @@ from archive.dicom.reader import ParsedInstance, iter_fragments, iter_frames, re
 from archive.dicom.writer import canonical_header_sha256, read_header
 from archive.errors import ArchiveError, InstanceTimeLimitExceeded, InvalidDicomError, NotDicomError
 from archive.kinds import EncodingKind, StorageMode
-from archive.services.blobs import read_blob
 from archive.services.encoding import encode_frames, pixel_hash
 from archive.services.header_dictionaries import HeaderDictionaries, header_key
 from archive.services.outcomes import TRANSIENT_ERRNOS, FileOutcome, Outcome
@@ -278,8 +277,7 @@ def find_duplicates(archive: Archive, session: Session, reads: Sequence[_Read]) 
         if same is None and rows:
             canonical = canonical_header_sha256(parsed.dataset)
             for row in rows:
-                part10 = archive.headers.decompress(session, read_blob(session, archive.store, row.header_blob),
-                                                    row.header_dictionary)
+                part10 = archive.headers.read_header(session, row.header_blob, row.header_dictionary)
                 if canonical_header_sha256(read_header(part10)) == canonical:
                     same = row.id
                     break

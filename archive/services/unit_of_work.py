@@ -16,27 +16,14 @@ if TYPE_CHECKING:
 class UnitOfWork:
     session: Session
 
-    def __init__(
-        self, session_factory: sessionmaker[Session], store: BlobStore, headers: HeaderDictionaries | None = None
-    ) -> None:
+    def __init__(self, session_factory: sessionmaker[Session], store: BlobStore, headers: HeaderDictionaries) -> None:
         self._session_factory = session_factory
         self.store = store
-        self._headers = headers
+        self.headers = headers  # header (de)compression with the archive's dictionaries
 
-    @property
-    def headers(self) -> HeaderDictionaries:
-        """Header (de)compression with the archive's dictionaries."""
-        if self._headers is None:
-            from archive.services.header_dictionaries import HeaderDictionaries  # noqa: PLC0415
-
-            self._headers = HeaderDictionaries(self._session_factory, self.store, 9)
-        return self._headers
-
-    def read_header(self, instance_header_blob: str, dictionary: str | None) -> bytes:
+    def read_header(self, header_blob: str, dictionary: str | None) -> bytes:
         """An instance's header blob, decompressed: a Part 10 file without Pixel Data."""
-        from archive.services.blobs import read_blob  # noqa: PLC0415
-
-        return self.headers.decompress(self.session, read_blob(self.session, self.store, instance_header_blob), dictionary)
+        return self.headers.read_header(self.session, header_blob, dictionary)
 
     def __enter__(self) -> Self:
         self.session = self._session_factory()
