@@ -45,3 +45,16 @@ class ItemOutcome(str, enum.Enum):
     RECOMPRESSED = "recompressed"
     UNCHANGED = "unchanged"  # already in the target configuration (or another run did it)
     FAILED = "failed"
+
+
+class AuditAction(str, enum.Enum):
+    """What an administrator did to archived data (the ``audit_log.action`` column)."""
+
+    DELETE_STUDY = "delete-study"
+    DELETE_SERIES = "delete-series"
+    UPDATE = "update"  # patient or study attributes corrected
+    MERGE_PATIENT = "merge-patient"
+    QUARANTINE_RETRY = "quarantine-retry"
+    QUARANTINE_PURGE = "quarantine-purge"
+    REPAIR = "repair"  # a missing or corrupt blob written again from a source
+    RESTORE = "restore"

@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from archive.clock import utcnow
-from archive.kinds import EncodingKind, ItemOutcome, JobKind, StorageMode
+from archive.kinds import AuditAction, EncodingKind, ItemOutcome, JobKind, StorageMode
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -56,6 +56,7 @@ class JobStatus(str, enum.Enum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    INTERRUPTED = "interrupted"  # a direct ingest stopped by Ctrl-C or SIGTERM; what it committed stays
 
 
 class ItemStatus(str, enum.Enum):
@@ -332,4 +333,39 @@ class QuarantineEntry(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sop_instance_uid: Mapped[str | None] = mapped_column(String(128))
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who changed archived data, when, why, and what exactly (deletes, corrections, merges, repairs)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    action: Mapped[AuditAction] = mapped_column(_str_enum(AuditAction, 32), index=True)
+    target: Mapped[str] = mapped_column(String(128), index=True)  # a Study or Series UID, a Patient ID, a path
+    actor: Mapped[str] = mapped_column(String(128))  # user@host of the process that did it
+    reason: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class HeaderRevision(Base):
+    """A header an instance had before a correction: kept, so that every change can be seen and undone.
+
+    The instance's ``header_blob`` is always the header served; a revision row
+    keeps the previous one (GC and verify follow these blobs too).
+    """
+
+    __tablename__ = "header_revisions"
+    __table_args__ = (UniqueConstraint("instance_id", "revision"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    revision: Mapped[int]  # 1 = the header as received
+    header_blob: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), index=True)
+    header_dictionary: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"))
+    header_sha256: Mapped[str] = mapped_column(String(64))
+    changes: Mapped[dict[str, Any]]  # keyword -> [previous, new] of the change that replaced this header
+    audit_id: Mapped[int | None] = mapped_column(ForeignKey("audit_log.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
