@@ -23,18 +23,32 @@ Example ``medarchive.toml``::
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from datetime import time as clock_time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
+
+import platformdirs
 
 from archive.clock import local_time_now
 from archive.errors import ConfigError
 
-DEFAULT_HOME = "./medarchive-data"
+
+def default_home() -> Path:
+    """The per-user data folder (``~/.local/share/medarchive`` on Linux): the same archive from any folder."""
+    return Path(platformdirs.user_data_dir("medarchive", appauthor=False))
+
+
+# MEDARCHIVE_* variables that are not settings fields but are read somewhere (CLI, tests, benchmarks)
+_OTHER_ENVIRONMENT = frozenset({
+    "CONFIG", "DATABASE_PASSWORD_FILE", "DEBUG",
+    "FAULT_KILL", "FAULT_DELAY",  # test-only fault switches (archive/services/deadlines.py)
+    "TEST_POSTGRES_URL", "BENCH_POSTGRES_URL", "SHARED_DATA",  # tests and benchmarks
+})
 
 
 @dataclass(frozen=True)
@@ -146,7 +160,7 @@ class Settings:
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read the environment and the TOML file; keyword overrides win over both."""
         env = os.environ if environ is None else environ
-        home = Path(overrides.get("home") or env.get("MEDARCHIVE_HOME") or DEFAULT_HOME).absolute()
+        home = Path(overrides.get("home") or env.get("MEDARCHIVE_HOME") or default_home()).absolute()
         file_values = _read_toml(env.get("MEDARCHIVE_CONFIG"), home)
         database_url = (
             overrides.get("database_url")
@@ -181,6 +195,40 @@ class Settings:
         return cls(home=home, database_url=str(database_url), codec=codec, policies=policies, **values)
 
 
+def known_environment() -> frozenset[str]:
+    """Every ``MEDARCHIVE_*`` variable medarchive or its tests read."""
+    settings = {f"MEDARCHIVE_{spec.name.upper()}" for spec in fields(Settings) if spec.name != "policies"}
+    return frozenset(settings | {f"MEDARCHIVE_{name}" for name in _OTHER_ENVIRONMENT})
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Warnings for ``MEDARCHIVE_*`` variables nothing reads (a typo would otherwise be ignored silently)."""
+    env = os.environ if environ is None else environ
+    known = known_environment()
+    warnings = []
+    for name in sorted(n for n in env if n.startswith("MEDARCHIVE_") and n not in known):
+        hint = _suggest(name.removeprefix("MEDARCHIVE_"), {k.removeprefix("MEDARCHIVE_") for k in known})
+        hint = hint.replace("did you mean ", "did you mean MEDARCHIVE_")
+        warnings.append(f"unknown environment variable {name} is ignored{hint}")
+    return warnings
+
+
+def _suggest(word: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _check_file_keys(values: Mapping[str, Any], path: Path) -> None:
+    """An unknown top-level key in the TOML file is an error: a typo must not silently keep a default."""
+    known = {spec.name for spec in fields(Settings)} - {"home"} | {"database_password_file"}
+    if "home" in values:
+        raise ConfigError(f"{path}: the home cannot be set in its own configuration file; set MEDARCHIVE_HOME")
+    for key in values:
+        if key not in known:
+            hint = _suggest(key, known) or f" (known keys: {', '.join(sorted(known))})"
+            raise ConfigError(f"{path}: unknown key {key!r}{hint}")
+
+
 def _with_password(url: str, password_file: Path) -> str:
     """A password kept in a file (a Docker secret) joins the URL in memory only."""
     from sqlalchemy.engine import make_url
@@ -212,9 +260,11 @@ def _policies(table: Mapping[str, Any]) -> dict[str, RecompressPolicy]:
     for name, raw in table.items():
         if not isinstance(raw, Mapping) or "codec" not in raw:
             raise ConfigError(f"policy {name!r} needs a codec table, e.g. codec = {{ id = \"jpegxl\" }}")
-        unknown = set(raw) - known
-        if unknown:
-            raise ConfigError(f"policy {name!r}: unknown keys {sorted(unknown)}")
+        unknown = sorted(set(raw) - known - {"name"})
+        if unknown or "name" in raw:
+            key = unknown[0] if unknown else "name"
+            hint = _suggest(key, known - {"name"}) or f" (known: {', '.join(sorted(known - {'name'}))})"
+            raise ConfigError(f"policy {name!r}: unknown key {key!r}{hint}")
         codec = raw["codec"]
         if isinstance(codec, str):
             codec = {"id": codec}
@@ -268,6 +318,10 @@ def _read_toml(explicit: str | None, home: Path) -> dict[str, Any]:
         return {}
     try:
         with path.open("rb") as handle:
-            return tomllib.load(handle)
+            values = tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read the configuration file {path}: {exc.strerror or exc}") from exc
+    _check_file_keys(values, path)
+    return values

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 
 class ArchiveError(Exception):
-    """Base of every error medarchive raises on purpose."""
+    """Base of every error medarchive raises on purpose.
+
+    ``exit_code`` is what the CLI exits with when this error ends a command:
+    2 for usage errors and things not found, 3 when a service or the file
+    system is unavailable (see the README's exit code table).
+    """
+
+    exit_code: int = 2
 
 
 class ConfigError(ArchiveError):
@@ -31,9 +38,13 @@ class InvalidDicomError(ArchiveError):
 class BlobNotFoundError(ArchiveError):
     """A blob the catalog references is missing from the store."""
 
+    exit_code = 1  # the archive is damaged (as `verify` reports it), not the command misused
+
 
 class BlobCorruptError(ArchiveError):
     """A blob's content no longer matches its sha256 address."""
+
+    exit_code = 1
 
 
 class NotFoundError(ArchiveError):
@@ -42,6 +53,12 @@ class NotFoundError(ArchiveError):
 
 class TransientError(ArchiveError):
     """The machine, not the input, failed (database or broker unreachable, disk full): retry later."""
+
+    exit_code = 3
+
+
+class UnavailableError(TransientError):
+    """A service or the file system is unavailable (database or broker down, home not writable)."""
 
 
 class InstanceTimeLimitExceeded(ArchiveError):

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 from alembic import context
 
 from archive.catalog.database import create_engine_for
 from archive.catalog.models import Base
 
 config = context.config
+# No "Context impl SQLiteImpl" / "Running upgrade" INFO lines in medarchive's output (a service logging at INFO
+# included); this file deliberately does not call logging.config.fileConfig, which would reconfigure the
+# host's logging. `medarchive db upgrade` prints the revision reached itself.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 target_metadata = Base.metadata
 
 

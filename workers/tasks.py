@@ -13,13 +13,20 @@ from typing import Any
 from celery import Task
 from celery.signals import worker_process_init, worker_ready
 
+from sqlalchemy import select
+
+from archive.catalog.models import JobItem
 from archive.config import Settings
-from archive.errors import TransientError
+from archive.errors import TransientError, UnavailableError
+from archive.kinds import ItemOutcome
 from archive.services import integrity, jobs, sweeps
 from archive.services.runtime import Archive
 from workers.app import app
 
 log = logging.getLogger(__name__)
+# pydicom logs a failed decoder plugin as an ERROR with a traceback before it raises; an undecodable input is
+# an expected outcome here (quarantined, with the reason in the catalog and one WARNING line below)
+logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 _archive: Archive | None = None
 
 
@@ -47,6 +54,33 @@ def dispatch_task(task_id: int) -> str:
     return str(process_task.apply_async(args=(task_id,)).id)
 
 
+def _broker_for_display(url: str) -> str:
+    from kombu.utils.url import maybe_sanitize_url
+
+    return str(maybe_sanitize_url(url))
+
+
+def broker_unavailable(exc: BaseException) -> UnavailableError:
+    """The error for a broker that cannot be reached: names the URL (password hidden) and the remedy."""
+    url = _broker_for_display(Settings.load().effective_broker_url)
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UnavailableError(f"cannot reach the broker at {url} ({reason}): is Redis running? "
+                            "check MEDARCHIVE_BROKER_URL (broker_url)")
+
+
+def require_broker(timeout: int = 5) -> None:
+    """Raise :class:`UnavailableError` unless the broker answers within about ``timeout`` seconds.
+
+    For commands that wait on the workers (``ingest --wait``): without a broker
+    nothing would ever arrive, so they stop with exit 3 before queueing.
+    """
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0, interval_step=1, timeout=timeout)
+    except Exception as exc:  # kombu, redis and socket errors alike
+        raise broker_unavailable(exc) from exc
+
+
 def queue_depth() -> int | None:
     """Messages waiting in the work queue, or None when the broker cannot say."""
     try:
@@ -69,7 +103,20 @@ def queue_depth() -> int | None:
 )
 def process_task(self: Task[Any, Any], task_id: int) -> dict[str, Any]:
     """Archive (or re-compress) one chunk of one series."""
-    return jobs.run_task(get_archive(), task_id).as_dict()
+    archive = get_archive()
+    report = jobs.run_task(archive, task_id).as_dict()
+    if report["outcomes"].get(ItemOutcome.QUARANTINED.value):
+        _log_quarantined(archive, task_id)
+    return report
+
+
+def _log_quarantined(archive: Archive, task_id: int) -> None:
+    """An expected quarantine is one WARNING line per file (the catalog keeps the reason), not an ERROR."""
+    with archive.session_factory() as session:
+        rows = session.execute(select(JobItem.path, JobItem.source_instance_id, JobItem.error).where(
+            JobItem.task_id == task_id, JobItem.outcome == ItemOutcome.QUARANTINED).order_by(JobItem.id))
+        for path, instance_id, error in rows:
+            log.warning("quarantined %s: %s", path or f"instance {instance_id}", " ".join((error or "").split()))
 
 
 @app.task(name="medarchive.reconcile", autoretry_for=(TransientError,), retry_backoff=2, retry_jitter=True,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from typing import Annotated
+
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from archive.config import Settings
+from archive.config import Settings, unknown_environment
 from archive.services.runtime import Archive
 
 app = typer.Typer(help="medarchive: archive DICOM studies compressed, verified, and retrievable by Study Instance UID.",
@@ -19,9 +23,47 @@ app.add_typer(bench_app, name="bench")
 console = Console()
 err_console = Console(stderr=True)
 
+_debug = False
 
-def open_archive() -> Archive:
-    return Archive.open(Settings.load())
+
+def debug_enabled() -> bool:
+    """``--debug`` or ``MEDARCHIVE_DEBUG=1``: failures show their traceback instead of one ``error:`` line."""
+    return _debug or os.environ.get("MEDARCHIVE_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("medarchive")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"medarchive {version()}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", envvar="MEDARCHIVE_DEBUG",
+                                        help="Show the traceback of a failure instead of one error line.")] = False,
+    show_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print medarchive's version and exit.")] = False,
+) -> None:
+    """medarchive: archive DICOM studies compressed, verified, and retrievable by Study Instance UID."""
+    global _debug
+    _debug = debug
+    for warning in unknown_environment():
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True)
+
+
+def open_archive(*, read_only: bool = False) -> Archive:
+    """The archive of the configured home; ``read_only`` for commands that only look (a mounted backup opens too)."""
+    return Archive.open(Settings.load(), read_only=read_only)
 
 
 def human(n: float) -> str:

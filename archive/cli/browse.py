@@ -1,119 +1,100 @@
-"""Commands that look into the archive: studies, one study, retrieval, jobs, the quarantine."""
+"""Commands that look into the archive: find studies, show one, retrieve, jobs, the quarantine.
+
+Tables fit 80 columns: UIDs and paths are shortened in the middle (``1.2.840.1…45.6``);
+``--json`` gives every value in full, for scripts.
+"""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from rich import box
+from rich.markup import escape
 from rich.table import Table
 
-from archive.cli._app import app, console, human, open_archive, quarantine_app
+from archive.cli._app import app, console, err_console, human, open_archive, quarantine_app
 from archive.services import query
-from archive.services.retrieve import TRANSFER_SYNTAX_CHOICES, retrieve_study
+from archive.services.retrieve import TRANSFER_SYNTAX_CHOICES, RetrieveReport, retrieve
+
+JSON_HELP = "Print the result as JSON (every value in full) instead of a table."
+UID_WIDTH = 16
+
+
+# --- formatting shared by the commands' tables
+
+
+def short_uid(uid: str | None, width: int = UID_WIDTH) -> str:
+    """A UID shortened in the middle for a table (``1.2.840.1…45.6``); ``--json`` has it whole."""
+    if not uid:
+        return ""
+    if len(uid) <= width:
+        return uid
+    head = (width - 1) // 2
+    return uid[:head] + "…" + uid[-(width - 1 - head):]
+
+
+def short_path(path: str | None, width: int = 30) -> str:
+    """A path keeping its end (the file name and its folder), which is what tells files apart."""
+    if not path:
+        return ""
+    return path if len(path) <= width else "…" + path[-(width - 1):]
+
+
+def short_time(value: datetime | str | None) -> str:
+    if value is None:
+        return ""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment.astimezone().strftime("%m-%d %H:%M")
+
+
+Column = str | tuple[str, Optional[int]] | tuple[str, Optional[int], str]
+
+
+def table(title: str, *columns: Column) -> Table:
+    """A compact table the width of the console: ``(name, width[, justify])`` columns keep their width, the others
+    (a bare name, or width None) share what is left and cut their text with an ellipsis."""
+    result = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, expand=True,
+                   title_justify="left")
+    for column in columns:
+        name, width, justify = (column, None, "left") if isinstance(column, str) else (*column, "left")[:3]
+        result.add_column(name, width=width, ratio=None if width else 1, justify=justify,
+                          no_wrap=True, overflow="ellipsis")
+    return result
+
+
+def cell(text: Any) -> str:
+    """Catalog text as a table cell: escaped, so ``[...]`` in a patient name is not taken as markup."""
+    return escape(str(text)) if text is not None else ""
+
+
+# --- jobs
+
 
 def print_jobs(summaries: list[query.JobSummary], title: str = "Jobs") -> None:
-    table = Table(title=f"{title} ({len(summaries)})")
-    for column in ("id", "kind", "status", "study / policy", "instances", "outcomes", "created", "error"):
-        table.add_column(column, overflow="fold")
+    out = table(f"{title} ({len(summaries)})", ("id", 5, "right"), ("kind", 7), ("status", 11),
+                ("study / policy", 14), ("done", 9, "right"), ("created", 11), "result")
     for s in summaries:
-        table.add_row(str(s.id), s.kind, s.status, s.policy or s.study_uid or "", f"{s.final}/{s.total}",
-                      ", ".join(f"{k} {v}" for k, v in sorted(s.outcomes.items())),
-                      s.created_at.strftime("%Y-%m-%d %H:%M:%S"), s.error or "")
-    console.print(table)
-
-
-@app.command()
-def studies(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List archived studies."""
-    with open_archive() as archive:
-        rows = query.list_studies(archive)
-    if as_json:
-        console.print_json(json.dumps(rows))
-        return
-    table = Table(title=f"Studies ({len(rows)})")
-    for column in ("Study Instance UID", "patient", "date", "modalities", "series", "instances", "original", "stored", "ratio"):
-        table.add_column(column, overflow="fold")
-    for r in rows:
-        table.add_row(r["study_uid"], f"{r['patient_name'] or ''} ({r['patient_id'] or ''})", r["study_date"] or "",
-                      r["modalities"] or "", str(r["series"]), str(r["instances"]), human(r["bytes_original"]),
-                      human(r["bytes_stored"]), f"{r['ratio'] or 0:.2f}")
-    console.print(table)
-
-
-@app.command()
-def show(study_uid: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Series, instances, codec, parameters, errors and sizes of one study."""
-    with open_archive() as archive:
-        study = query.show_study(archive, study_uid)
-    if as_json:
-        console.print_json(json.dumps(study, default=str))
-        return
-    console.print(f"[bold]{study['study_uid']}[/bold]  {study['patient_name'] or ''}  {study['study_date'] or ''}  "
-                  f"{study['modalities'] or ''}  {study['instances']} instances, "
-                  f"{human(study['bytes_original'])} → {human(study['bytes_stored'])}")
-    for series in study["series"]:
-        table = Table(title=f"Series {series['series_number']} {series['modality'] or ''} {series['description'] or ''} "
-                            f"({series['series_uid']})", title_justify="left")
-        for column in ("instance", "mode", "codec", "config", "ran", "bytes", "ratio", "bpp", "max err", "PSNR dB", "status"):
-            table.add_column(column, overflow="fold")
-        for inst in series["instances"]:
-            for enc in inst["encodings"]:
-                table.add_row(
-                    inst["sop_instance_uid"], inst["storage_mode"], enc["codec"], json.dumps(enc["config"]),
-                    ",".join(f"{k}×{v}" for k, v in enc["actual_codecs"].items()),
-                    f"{enc['bytes_before']}→{enc['bytes_after']}", f"{enc['ratio']:.2f}", f"{enc['bits_per_pixel']:.3f}",
-                    f"{enc['max_abs_error']:g}" if enc["max_abs_error"] is not None else "-",
-                    "exact" if enc["psnr"] is None and enc["mse"] == 0 else f"{enc['psnr']:.2f}",
-                    inst["status"] + ("" if enc["current"] else " (old)"),
-                )
-        console.print(table)
-
-
-@app.command()
-def get(
-    study_uid: str,
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the DICOM files into.")],
-    transfer_syntax: Annotated[str, typer.Option("--transfer-syntax", help="|".join(TRANSFER_SYNTAX_CHOICES))] = "explicit-le",
-    include_conflicts: Annotated[bool, typer.Option(help="Also write recorded conflicts.")] = False,
-) -> None:
-    """Write a study's instances as DICOM Part 10 files."""
-    with open_archive() as archive:
-        report = retrieve_study(archive, study_uid, out, transfer_syntax=transfer_syntax,
-                                include_conflicts=include_conflicts)
-    syntaxes = ", ".join(f"{n} {name}" for name, n in report.syntaxes.items())
-    console.print(f"wrote {len(report.files)} instance(s) to {out} ({syntaxes})")
-    for f in report.files:
-        if f.note:
-            console.print(f"  {f.path.name}: {f.note}")
-
-
-@quarantine_app.command("list")
-def quarantine_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Quarantined files, with the reason each was refused."""
-    with open_archive() as archive:
-        rows = query.list_quarantine(archive)
-    if as_json:
-        console.print_json(json.dumps(rows))
-        return
-    table = Table(title=f"Quarantine ({len(rows)})")
-    for column in ("id", "source", "reason", "copy"):
-        table.add_column(column, overflow="fold")
-    for r in rows:
-        table.add_row(str(r["id"]), r["source_path"], r["reason"], r["stored_path"])
-    console.print(table)
+        detail = ", ".join(f"{v} {k}" for k, v in sorted(s.outcomes.items(), key=lambda kv: -kv[1]))
+        if s.error:
+            detail = f"error: {s.error}" + (f" ({detail})" if detail else "")
+        out.add_row(str(s.id), s.kind, s.status, cell(s.policy or short_uid(s.study_uid, 14)), f"{s.final}/{s.total}",
+                    short_time(s.created_at), cell(detail))
+    console.print(out)
 
 
 @app.command("jobs")
 def jobs_command(
-    status: Annotated[Optional[str], typer.Option(help="queued | running | done | failed | spooling")] = None,
+    status: Annotated[Optional[str], typer.Option(help="queued | running | done | failed | interrupted | spooling")] = None,
     job_id: Annotated[Optional[int], typer.Option("--id", help="One job, with its failed instances.")] = None,
-    limit: Annotated[int, typer.Option()] = 50,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    limit: Annotated[int, typer.Option(help="Newest jobs shown.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
-    """Jobs from the catalog: state, instance counts, outcomes, errors."""
-    with open_archive() as archive, archive.unit_of_work() as uow:
+    """Jobs from the catalog (service jobs and direct ingests): state, instance counts, outcomes, errors."""
+    with open_archive(read_only=True) as archive, archive.unit_of_work() as uow:
         summaries = query.list_jobs(uow.session, status=status, job_id=job_id, limit=limit)
         errors = query.job_errors(uow.session, job_id) if job_id is not None else []
     if as_json:
@@ -122,9 +103,149 @@ def jobs_command(
         return
     print_jobs(summaries)
     if errors:
-        table = Table(title=f"Instances of job {job_id} that did not archive")
-        for column in ("item", "status", "error"):
-            table.add_column(column, overflow="fold")
-        for row in errors:
-            table.add_row(*row)
-        console.print(table)
+        out = table(f"Instances of job {job_id} that did not archive", ("item", 30), ("status", 11), "error")
+        for item, item_status, error in errors:
+            out.add_row(cell(short_path(item)), item_status, cell(error))
+        console.print(out)
+
+
+# --- studies
+
+
+@app.command()
+def studies(
+    patient_id: Annotated[Optional[str], typer.Option("--patient-id", help="Patient ID; wildcards * and ?.")] = None,
+    patient_name: Annotated[Optional[str], typer.Option(
+        "--patient-name", help="Patient's Name, any case; wildcards * and ? (e.g. 'DOE^J*').")] = None,
+    date: Annotated[Optional[str], typer.Option(
+        "--date", help="StudyDate YYYYMMDD, or a range FROM-TO; FROM- and -TO leave one end open.")] = None,
+    modality: Annotated[Optional[str], typer.Option(help="Studies with a series of this modality (CT, MR, ...).")] = None,
+    accession: Annotated[Optional[str], typer.Option(help="Accession Number; wildcards * and ?.")] = None,
+    description: Annotated[Optional[str], typer.Option(help="Study Description, any case; wildcards * and ?.")] = None,
+    limit: Annotated[int, typer.Option(help="Most studies listed, newest StudyDate first.")] = query.DEFAULT_STUDY_LIMIT,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP + " A list of studies.")] = False,
+) -> None:
+    """Find archived studies by patient, date, modality, accession number or description (newest first)."""
+    date_from, date_to = query.parse_date_range(date) if date else (None, None)
+    filters = query.StudyFilter(patient_id=patient_id, patient_name=patient_name, date_from=date_from,
+                                date_to=date_to, modality=modality, accession=accession, description=description)
+    with open_archive(read_only=True) as archive:
+        page = query.find_studies(archive, filters, limit=limit)
+    if page.truncated:
+        err_console.print(f"showing the newest {len(page.studies)} of {page.matched} matching studies: "
+                          "narrow the search or raise --limit", highlight=False)
+    if as_json:
+        console.print_json(json.dumps(page.studies))
+        return
+    out = table(f"Studies ({len(page.studies)} of {page.matched})" if page.truncated else f"Studies ({page.matched})",
+                ("Study UID", UID_WIDTH), "patient", ("date", 8), ("mod", 5), ("inst", 5, "right"),
+                ("stored", 9, "right"), ("ratio", 5, "right"))
+    for r in page.studies:
+        patient = f"{r['patient_name'] or ''} ({r['patient_id'] or ''})" if r["patient_id"] else r["patient_name"] or ""
+        out.add_row(short_uid(r["study_uid"]), cell(patient), r["study_date"] or "",
+                    cell((r["modalities"] or "").replace("\\", ",")), str(r["instances"]), human(r["bytes_stored"]),
+                    f"{r['ratio'] or 0:.2f}")
+    console.print(out)
+
+
+@app.command()
+def show(
+    uid: Annotated[str, typer.Argument(metavar="UID", help="A Study Instance UID, or a Series Instance UID for one series.")],
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """Series, instances, codec, sizes and errors of one study (or one series of it)."""
+    with open_archive(read_only=True) as archive:
+        study = query.show_study(archive, uid)
+    if as_json:
+        console.print_json(json.dumps(study, default=str))
+        return
+    console.print(f"[bold]Study {cell(study['study_uid'])}[/bold]", soft_wrap=True)
+    console.print(f"{cell(study['patient_name'] or '')} ({cell(study['patient_id'] or '')})  "
+                  f"{study['study_date'] or ''}  {cell(study['study_description'] or '')}", highlight=False)
+    console.print(f"{study['num_series']} series, {study['instances']} instances, "
+                  f"{human(study['bytes_original'])} → {human(study['bytes_stored'])}", highlight=False)
+    for series in study["series"]:
+        out = table(f"Series {series['series_number'] if series['series_number'] is not None else '-'} "
+                    f"{series['modality'] or ''} {cell(series['description'] or '')} "
+                    f"({short_uid(series['series_uid'], 24)})",
+                    ("instance", UID_WIDTH), ("mode", 11), "codec", ("stored", 9, "right"), ("ratio", 5, "right"),
+                    ("error", 8, "right"), ("status", 8))
+        for inst in series["instances"]:
+            for enc in inst["encodings"]:
+                if enc["max_abs_error"] is None and enc["mse"] is None:
+                    error = "-"
+                elif enc["psnr"] is None and enc["mse"] == 0:
+                    error = "exact"
+                else:
+                    error = f"{enc['psnr']:.1f} dB" if enc["psnr"] is not None else f"±{enc['max_abs_error']:g}"
+                ran = ",".join(enc["actual_codecs"])
+                codec = enc["codec"] if not ran or ran == enc["codec"] else f"{enc['codec']}>{ran}"
+                out.add_row(short_uid(inst["sop_instance_uid"]), inst["storage_mode"], cell(codec),
+                            human(enc["bytes_after"]), f"{enc['ratio']:.2f}", error,
+                            inst["status"] if enc["current"] else "old")
+        console.print(out)
+
+
+# --- retrieval
+
+
+@app.command()
+def get(
+    uid: Annotated[str, typer.Argument(metavar="UID", help="A Study Instance UID, or a Series Instance UID for one series.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the DICOM files into.")],
+    transfer_syntax: Annotated[str, typer.Option("--transfer-syntax", help="|".join(TRANSFER_SYNTAX_CHOICES))] = "explicit-le",
+    include_conflicts: Annotated[bool, typer.Option(help="Also write recorded conflicts.")] = False,
+    keep_going: Annotated[bool, typer.Option(
+        "--keep-going", help="Write every readable instance and list the damaged ones (exit 1) instead of stopping.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+) -> None:
+    """Write a study's (or one series') instances as DICOM Part 10 files."""
+    with open_archive(read_only=True) as archive:
+        report = retrieve(archive, uid, out, transfer_syntax=transfer_syntax, include_conflicts=include_conflicts,
+                          keep_going=keep_going)
+    if as_json:
+        console.print_json(json.dumps(_retrieve_dict(report, out)))
+    else:
+        syntaxes = ", ".join(f"{n} {name}" for name, n in report.syntaxes.items())
+        console.print(f"wrote {len(report.files)} instance(s) to {cell(out)}" + (f" ({syntaxes})" if syntaxes else ""),
+                      highlight=False, soft_wrap=True)
+        for f in report.files:
+            if f.note:
+                console.print(f"  {cell(f.path.name)}: {cell(f.note)}", highlight=False, soft_wrap=True)
+    if report.unreadable:
+        damaged = table(f"{len(report.unreadable)} instance(s) could not be read", ("instance", UID_WIDTH),
+                        ("series", UID_WIDTH), ("problem", 7), "error")
+        for u in report.unreadable:
+            damaged.add_row(short_uid(u.sop_instance_uid), short_uid(u.series_uid), u.problem, cell(u.error))
+        err_console.print(damaged)
+        err_console.print(f"`medarchive verify --study {report.study_uid}` lists the damaged blobs; ingesting the "
+                          "original files again repairs them", highlight=False)
+        raise typer.Exit(1)
+
+
+def _retrieve_dict(report: RetrieveReport, out: Path) -> dict[str, Any]:
+    return {
+        "study_uid": report.study_uid, "series_uid": report.series_uid, "out": str(out),
+        "files": [{"path": str(f.path), "sop_instance_uid": f.sop_instance_uid, "transfer_syntax": f.transfer_syntax,
+                   "source_path": f.source_path, "note": f.note} for f in report.files],
+        "unreadable": [{"sop_instance_uid": u.sop_instance_uid, "series_uid": u.series_uid, "problem": u.problem,
+                        "error": u.error} for u in report.unreadable],
+    }
+
+
+# --- the quarantine (retry and purge: archive.cli.manage)
+
+
+@quarantine_app.command("list")
+def quarantine_list(as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
+    """Quarantined files, with the reason each was refused (`quarantine retry`, `quarantine purge` manage them)."""
+    with open_archive(read_only=True) as archive:
+        rows = query.list_quarantine(archive)
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    out = table(f"Quarantine ({len(rows)})", ("id", 5, "right"), ("since", 11), ("source", 28), "reason")
+    for r in rows:
+        out.add_row(str(r["id"]), short_time(r["created_at"]), cell(short_path(r["source_path"], 28)),
+                    cell(f"{r['error_type']}: {r['reason']}"))
+    console.print(out)

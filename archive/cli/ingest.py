@@ -18,6 +18,7 @@ from archive.config import Settings, parse_codec_spec
 from archive.errors import ArchiveError
 from archive.services import jobs, query
 from archive.services.ingest import FileOutcome, IngestReport, Outcome, default_jobs, ingest_paths
+from archive.services.outcomes import nothing_to_archive_message
 from archive.services.retrieve import retrieve_study
 from archive.services.runtime import Archive
 
@@ -37,6 +38,10 @@ def print_ingest_summary(report: IngestReport, out: Console = console) -> None:
         "skipped": str(report.count(Outcome.SKIPPED)),
         "quarantined": str(report.count(Outcome.QUARANTINED)),
     }
+    if report.interrupted:
+        summary["not reached"] = str(report.remaining)
+    if report.job_id is not None:
+        summary["job"] = str(report.job_id)
     for name, value in summary.items():
         table.add_row(name, value)
     out.print(table)
@@ -67,7 +72,7 @@ def run_ingest(archive: Archive, paths: list[Path], codec: dict[str, Any] | None
             progress.update(task, advance=1, description=outcome.path.name)
 
         return ingest_paths(archive, paths, codec_config=codec, jobs=jobs or default_jobs(),
-                            on_discovered=discovered, on_file=done)
+                            on_discovered=discovered, on_file=done, interruptible=True)
 
 
 @app.command()
@@ -82,15 +87,19 @@ def ingest(
     jobs_count: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1, help="Staging processes (read, encode, "
                                                       "verify, write blobs); default: one per core.")] = None,
 ) -> None:
-    """Archive DICOM files; exits 1 when anything was quarantined."""
+    """Archive DICOM files; exits 1 when anything was quarantined, 2 when there is nothing to archive, 130 when
+    interrupted (Ctrl-C or SIGTERM: what was committed stays; run it again to store the rest)."""
     codec_config = parse_codec_spec(codec, source="--codec") if codec is not None else None
     if wait:
         if codec_config:
             raise ArchiveError("--codec applies to direct ingest; queued ingest uses the configured codec")
-        from workers.service import dispatch_task
+        from workers.service import dispatch_task, require_broker
 
+        require_broker()  # no broker: fail now, instead of queueing work nothing will receive
         with open_archive() as archive:
             job_ids, skipped = jobs.submit_paths(archive, paths, dispatch_task)
+            if not job_ids:
+                raise ArchiveError(nothing_to_archive_message(paths, skipped))
             summaries = _wait_for_jobs(archive, job_ids, timeout)
         if as_json:
             console.print_json(json.dumps({"jobs": [s.as_dict() for s in summaries],
@@ -105,17 +114,33 @@ def ingest(
     with open_archive() as archive:
         report = run_ingest(archive, paths, codec_config, show_progress=not as_json, jobs=jobs_count)
     if as_json:
-        console.print_json(json.dumps({
-            "job_id": report.job_id, "studies": sorted(report.studies), "instances": report.instances,
-            "bytes_in": report.bytes_in, "bytes_stored": report.bytes_stored, "seconds": report.seconds,
-            "files": [{"path": str(o.path), "outcome": o.outcome.value, "reason": o.reason} for o in report.outcomes],
-        }))
+        console.print_json(json.dumps(ingest_json(report)))
     else:
         print_ingest_summary(report)
+    if report.interrupted:
+        err_console.print(f"[red]interrupted[/red]: {len(report.outcomes)} of {report.files} file(s) done, job "
+                          f"{report.job_id} marked interrupted; what was committed is archived. Run the same "
+                          "ingest again to store the rest (files already archived count as duplicates).",
+                          highlight=False)
+        raise typer.Exit(130)
+    nothing = report.nothing_to_archive(paths)
+    if nothing:
+        raise ArchiveError(nothing)
     quarantined = report.count(Outcome.QUARANTINED)
     if quarantined:
         err_console.print(f"[red]{quarantined} file(s) quarantined[/red]: see `medarchive quarantine list`")
         raise typer.Exit(1)
+
+
+def ingest_json(report: IngestReport) -> dict[str, Any]:
+    """The ``ingest --json`` document: totals, per-file outcomes, and whether the run was interrupted."""
+    return {
+        "job_id": report.job_id, "interrupted": report.interrupted, "studies": sorted(report.studies),
+        "instances": report.instances, "bytes_in": report.bytes_in, "bytes_stored": report.bytes_stored,
+        "seconds": report.seconds, "files_found": report.files, "not_reached": report.remaining,
+        "counts": {o.value: report.count(o) for o in Outcome},
+        "files": [{"path": str(o.path), "outcome": o.outcome.value, "reason": o.reason} for o in report.outcomes],
+    }
 
 
 def _wait_for_jobs(archive: Archive, job_ids: list[int], timeout: float | None) -> list[query.JobSummary]:
@@ -152,6 +177,9 @@ def demo(
     with Archive.open(settings) as archive:
         report = run_ingest(archive, [inbox], None, show_progress=True)
         print_ingest_summary(report)
+        if report.interrupted:
+            err_console.print("[red]interrupted[/red]: run `medarchive demo` again to finish")
+            raise typer.Exit(130)
         generated = [o for o in report.outcomes if o.outcome is Outcome.STORED and "generated" in str(o.path)]
         target = generated[0].study_uid if generated else next(iter(sorted(report.studies)))
         assert target is not None

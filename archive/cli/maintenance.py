@@ -11,6 +11,7 @@ from rich.table import Table
 
 from archive.cli._app import app, bench_app, console, db_app, err_console, human, open_archive
 from archive.config import Settings
+from archive.errors import NotFoundError
 
 @db_app.command("upgrade")
 def db_upgrade(
@@ -51,41 +52,102 @@ def bench_ingest(
     print_ingest_benchmark(result, console)
 
 
+JSON_HELP = "Print the result as JSON (full UIDs and digests) instead of a summary."
+
+
+def _short(text: str, width: int = 17) -> str:
+    """A UID or digest shortened in the middle for a table (``1.2.840…3456``); ``--json`` has it whole."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[-(width - 1 - head):]
+
+
+def _problems_table(problems: list[Any], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("study", "instance", "blob", "problem"):
+        table.add_column(column, no_wrap=True)
+    for problem in problems:
+        table.add_row(_short(problem.study_uid) or "(no instance)", _short(problem.sop_instance_uid),
+                      _short(problem.digest, 13), problem.problem)
+    return table
+
+
 @app.command()
 def verify(
     study: Annotated[Optional[str], typer.Option(help="One study (Study Instance UID); default all.")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    repair_from: Annotated[Optional[Path], typer.Option(
+        "--repair-from", help="A folder of original files: damaged blobs whose source is there are written again, "
+        "then everything is verified again.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Re-read and re-hash stored blobs; exits 1 and lists them per study when any is missing or corrupt."""
     from archive.services.integrity import verify_blobs
+    from archive.services.repair import repair_from_paths
 
+    if repair_from is not None and not repair_from.exists():
+        raise NotFoundError(f"no such file or folder: {repair_from}; give the folder that holds the original files")
     with open_archive() as archive:
         report = verify_blobs(archive, study_uid=study)
+        repair = after = None
+        if repair_from is not None and report.problems:
+            only = {p.sop_instance_uid for p in report.problems if p.sop_instance_uid}
+            repair = repair_from_paths(archive, [repair_from], only=only)
+            after = verify_blobs(archive, study_uid=study)
+    final = after if after is not None else report
     if as_json:
-        console.print_json(json.dumps(report.as_dict()))
+        out: dict[str, Any] = report.as_dict()
+        if repair_from is not None:
+            out = {"before": report.as_dict(), "repair": repair.as_dict() if repair is not None else None,
+                   "after": final.as_dict(), "ok": final.ok}
+        console.print_json(json.dumps(out))
     else:
         console.print(f"checked {report.blobs_checked} blob(s), {human(report.bytes_checked)}: "
-                      f"{len(report.problems)} problem(s)")
-        if report.problems:
-            table = Table(title="Missing or corrupt blobs")
-            for column in ("study", "instance", "blob", "problem"):
-                table.add_column(column, overflow="fold")
-            for problem in report.problems:
-                table.add_row(problem.study_uid, problem.sop_instance_uid, problem.digest, problem.problem)
-            console.print(table)
-    if report.problems:
+                      f"{report.bad_blobs} missing or corrupt", highlight=False)
+        if repair is not None and after is not None:
+            console.print(f"repair from {repair_from}: {repair.blobs_repaired} blob(s) of {len(repair.repaired)} "
+                          f"instance(s) written again ({repair.files_scanned} file(s) looked at)", highlight=False)
+            for path, why in repair.failed:
+                console.print(f"  could not repair from {path}: {why}", highlight=False, soft_wrap=True)
+            console.print(f"verified again: {after.bad_blobs} missing or corrupt", highlight=False)
+        if final.problems:
+            console.print(_problems_table(final.problems, "Still missing or corrupt" if repair is not None
+                                          else "Missing or corrupt blobs"))
+            if repair_from is None:
+                console.print("repair: ingest the originals again, or `medarchive verify --repair-from DIR`",
+                              highlight=False)
+    if final.problems:
         raise typer.Exit(1)
 
 
 @app.command()
 def gc(
     grace: Annotated[Optional[float], typer.Option(help="Seconds an unreferenced blob is kept (default: gc_grace).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; delete nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
-    """Remove blobs no catalog row references, once older than the grace period."""
+    """Remove blobs no catalog row references, once older than the grace period; compact packs."""
     from archive.services.integrity import collect_garbage
 
     with open_archive() as archive:
         report = collect_garbage(archive, grace_seconds=archive.settings.gc_grace if grace is None else grace,
                                  dry_run=dry_run)
-    console.print_json(json.dumps(report.as_dict()))
+    if as_json:
+        console.print_json(json.dumps(report.as_dict()))
+        return
+    would = "would be " if dry_run else ""
+    lines = [
+        f"unreferenced blobs: {report.blob_rows} catalog row(s) {would}deleted "
+        f"(grace period {report.grace_seconds:g} s)",
+        f"loose files: {report.files_deleted} {would}deleted, {human(report.blob_bytes + report.orphan_bytes)}"
+        f"{f'; {report.kept_recent} kept (put again recently)' if report.kept_recent else ''}",
+        f"packs: {report.packs_compacted} {would}compacted, {report.packs_retired} {would}retired "
+        f"({human(report.pack_bytes_reclaimable)} dead), {human(report.pack_bytes_moved)} of live blobs moved",
+    ]
+    if not dry_run:
+        lines.append(f"freed now: {human(report.bytes_freed)} (retired packs are deleted by a run after the grace "
+                     "period)")
+    if report.deferred_for_backup:
+        lines.append("a backup is running: rows were deleted, files and packs are left for the next run")
+    for line in lines:
+        console.print(line, highlight=False)

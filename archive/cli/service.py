@@ -9,10 +9,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from archive.cli._app import app, console, err_console, open_archive
+from archive.cli._app import app, console, err_console, human, open_archive
 from archive.cli.browse import print_jobs
 from archive.config import Settings
 from archive.services import jobs, query, sweeps
+from archive.services.recompress import RecompressPlan
 from archive.services.runtime import Archive
 
 @app.command()
@@ -78,13 +79,32 @@ def run(
 
 
 @app.command()
-def reconcile() -> None:
+def reconcile(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON for scripts.")] = False,
+) -> None:
     """Re-send unfinished work that no live task holds, and close finished jobs (beat runs this too)."""
-    from workers.service import dispatch_task, queue_depth
+    from workers.service import dispatch_task, queue_depth, require_broker
 
+    require_broker()  # re-sending into a broker that is away would only defer the work again
     with open_archive() as archive:
         report = jobs.reconcile(archive, dispatch_task, queue_depth=queue_depth())
-    console.print_json(json.dumps(report.as_dict()))
+    if as_json:
+        console.print_json(json.dumps(report.as_dict()))
+        return
+    done = report.as_dict()
+    console.print(f"re-sent {len(done['redispatched'])} task(s){_ids(done['redispatched'])}", highlight=False)
+    console.print(f"closed {len(done['finalized'])} finished job(s){_ids(done['finalized'])}", highlight=False)
+    if "interrupted" in done:
+        console.print(f"marked {len(done['interrupted'])} job(s) interrupted{_ids(done['interrupted'])}",
+                      highlight=False)
+    console.print(f"removed {len(done['spools_removed'])} spool folder(s)", highlight=False)
+
+
+def _ids(ids: list[int], most: int = 10) -> str:
+    if not ids:
+        return ""
+    shown = ", ".join(str(i) for i in ids[:most])
+    return f" ({shown}{', …' if len(ids) > most else ''})"
 
 
 @app.command()
@@ -94,6 +114,7 @@ def recompress(
     limit: Annotated[Optional[int], typer.Option(help="At most this many instances (default: the policy's "
                                                  "batch_size).")] = None,
     queue: Annotated[bool, typer.Option("--queue", help="Send to the workers instead of running here.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --dry-run: print the selection as JSON.")] = False,
 ) -> None:
     """Run a re-compression policy by hand (ignoring its time window)."""
     from archive.services.recompress import plan
@@ -103,10 +124,15 @@ def recompress(
         if dry_run:
             with archive.unit_of_work() as uow:
                 result = plan(uow.session, chosen, limit=limit or chosen.batch_size)
-            console.print_json(json.dumps(result.as_dict()))
+            if as_json:
+                console.print_json(json.dumps(result.as_dict()))
+            else:
+                _print_plan(result)
             return
         if queue:
-            from workers.service import dispatch_task as dispatcher
+            from workers.service import dispatch_task as dispatcher, require_broker
+
+            require_broker()
         else:
             def dispatcher(task_id: int) -> str:
                 jobs.run_task(archive, task_id)
@@ -114,6 +140,24 @@ def recompress(
         report = sweeps.start_sweep(archive, policy, dispatcher, limit=limit, respect_window=False)
         with archive.unit_of_work() as uow:
             summaries = query.list_jobs(uow.session, job_id=report.job_id) if report.job_id else []
+    if as_json:
+        console.print_json(json.dumps({**report.as_dict(), "jobs": [s.as_dict() for s in summaries]}, default=str))
+        return
     console.print(f"policy {policy}: {report.action}, {report.instances} instance(s)")
     if summaries:
         print_jobs(summaries, "Re-compression")
+
+
+def _print_plan(plan: RecompressPlan) -> None:
+    """The dry run as a sentence and two short breakdowns (fits 80 columns)."""
+    target = {k: v for k, v in plan.target.items() if k != "id"}
+    console.print(f"policy {plan.policy} (dry run, nothing changed) selects {plan.instances} instance(s)",
+                  highlight=False)
+    console.print(f"  in {plan.studies} study(ies), {human(plan.bytes_stored)} of pixel data stored now",
+                  highlight=False)
+    console.print(f"  target: {plan.target.get('id', '?')} {json.dumps(target) if target else ''}".rstrip(),
+                  highlight=False)
+    for label, counts in (("current codec", plan.by_codec), ("modality", plan.by_modality)):
+        if counts:
+            console.print(f"  by {label}: " + ", ".join(f"{k or '?'} {v}" for k, v in sorted(counts.items())),
+                          highlight=False)

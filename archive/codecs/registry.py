@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from archive.codecs.base import Codec
+from archive.codecs.fragment import FragmentCodec
 from archive.codecs.htj2k import Htj2kCodec
 from archive.codecs.jpeg2000 import Jpeg2000Codec
 from archive.codecs.jpegls import JpegLSCodec
@@ -22,6 +23,8 @@ BUILTIN_CODECS: tuple[type[Codec], ...] = (
 )
 
 _REGISTRY: dict[str, type[Codec]] = {cls.codec_id: cls for cls in BUILTIN_CODECS}
+# decodes original lossless fragments kept at ingest; not configurable, so not a built-in codec
+_REGISTRY[FragmentCodec.codec_id] = FragmentCodec
 
 C = TypeVar("C", bound=type[Codec])
 

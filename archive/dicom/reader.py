@@ -176,7 +176,11 @@ def _past_series_uid(tag: BaseTag, _vr: str | None, _length: int) -> bool:
 
 def read_instance(path: Path) -> ParsedInstance:
     """Read and validate ``path``; never modifies it."""
-    data = path.read_bytes()
+    return parse_instance(path.read_bytes(), path)
+
+
+def parse_instance(data: bytes, path: Path) -> ParsedInstance:
+    """Validate and classify a file's bytes (``path`` names it: a source, or a whole-kept object read back)."""
     sniff(path, data[:132])
     if not data:
         raise InvalidDicomError("empty file")
@@ -278,6 +282,38 @@ def _classify_pixels(ds: Dataset, ts: UID) -> tuple[PixelLayout | None, StorageM
             return layout, StorageMode.PIXELS, "reversible JPEG 2000 input: decoded and re-encoded"
         return layout, StorageMode.PASSTHROUGH, "lossy JPEG 2000 input: original fragments kept"
     return layout, StorageMode.PASSTHROUGH, f"lossy or unknown compressed input ({ts.name}): original fragments kept"
+
+
+#: How faithful an object's archived pixels are, for choosing which of two objects with one SOP Instance UID
+#: is the instance: a lossy codestream ranks lowest, pixels once lossy-compressed (LossyImageCompression
+#: "01") but kept losslessly next, lossless highest.
+LOSSY_CODESTREAM, ONCE_LOSSY, LOSSLESS = 0, 1, 2
+
+
+def stores_lossy_codestream(transfer_syntax_uid: str, mode: StorageMode) -> bool:
+    """True when what the archive keeps of the pixels is a lossy (or unknown) compressed codestream."""
+    if mode is StorageMode.PASSTHROUGH:
+        return True
+    if mode is StorageMode.WHOLE:
+        return transfer_syntax_uid not in NATIVE_SYNTAXES and transfer_syntax_uid not in LOSSLESS_SYNTAXES
+    return False
+
+
+def says_once_lossy(ds: Dataset) -> bool:
+    """LossyImageCompression "01": the pixel values went through lossy compression at some point."""
+    return str(ds.get("LossyImageCompression") or "").strip() == "01"
+
+
+def fidelity(parsed: ParsedInstance) -> int:
+    """:data:`LOSSY_CODESTREAM`, :data:`ONCE_LOSSY` or :data:`LOSSLESS` for an arriving object."""
+    if stores_lossy_codestream(parsed.transfer_syntax_uid, parsed.mode):
+        return LOSSY_CODESTREAM
+    return ONCE_LOSSY if says_once_lossy(parsed.dataset) else LOSSLESS
+
+
+def is_lossless_compressed(parsed: ParsedInstance) -> bool:
+    """Encapsulated input decoded losslessly (its original fragments could be kept instead of re-encoding)."""
+    return parsed.mode is StorageMode.PIXELS and parsed.transfer_syntax_uid not in NATIVE_SYNTAXES
 
 
 def _layout(ds: Dataset, ts: UID) -> PixelLayout:

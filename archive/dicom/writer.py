@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.tag import Tag
@@ -89,12 +89,14 @@ def canonical_header_sha256(ds: Dataset) -> str:
     """An identity of the header's elements that no encoding choice changes.
 
     The data set without Pixel Data and group lengths, written as Implicit VR
-    Little Endian: the same elements kept as received in Explicit VR and
-    re-sent in Implicit VR (where private elements come back as UN) hash the
-    same. Used only to tell a re-sent copy from a conflict when the pixels
-    already match.
+    Little Endian with every sequence and item of undefined length: the same
+    elements kept as received in Explicit VR and re-sent in Implicit VR (where
+    private elements come back as UN) or big endian (where sequences may carry
+    explicit lengths) hash the same. Used only to tell a re-sent copy from a
+    conflict when the pixels already match; never stored.
     """
     lifted = {tag: ds._dict.pop(tag) for tag in list(ds._dict) if tag in PIXEL_TAGS or tag.element == 0}
+    lengths = _undefined_lengths(ds)
     fp = DicomBytesIO()
     fp.is_little_endian = True
     fp.is_implicit_VR = True
@@ -103,8 +105,25 @@ def canonical_header_sha256(ds: Dataset) -> str:
             warnings.simplefilter("ignore")
             write_dataset(fp, ds)
     finally:
+        for target, attribute, value in lengths:
+            setattr(target, attribute, value)
         ds._dict.update(lifted)
     return hashlib.sha256(fp.getvalue()).hexdigest()
+
+
+def _undefined_lengths(ds: Dataset) -> list[tuple[object, str, bool]]:
+    """Mark every sequence and item of ``ds`` undefined length; returns what to restore."""
+    changed: list[tuple[object, str, bool]] = []
+    for elem in ds:
+        if elem.VR != "SQ":
+            continue
+        changed.append((elem, "is_undefined_length", elem.is_undefined_length))
+        elem.is_undefined_length = True
+        for item in elem.value:
+            changed.append((item, "is_undefined_length_sequence_item", item.is_undefined_length_sequence_item))
+            item.is_undefined_length_sequence_item = True
+            changed.extend(_undefined_lengths(item))
+    return changed
 
 
 def read_header(part10: bytes) -> Dataset:
@@ -152,8 +171,9 @@ def to_part10(ds: Dataset, transfer_syntax: UID) -> bytes:
     if transfer_syntax != current:
         if current in NATIVE_SYNTAXES and transfer_syntax in _REENCODABLE:
             original = pixel_array(ds, raw=True).copy()
-            if transfer_syntax == JPEG2000Lossless:  # keep RGB as RGB, not YBR_RCT
-                ds.compress(transfer_syntax, use_mct=False, generate_instance_uid=False)
+            _interleave(ds)  # an encapsulated colour stream is not planar (PS3.5 8.2.2-8.2.4)
+            if transfer_syntax == JPEG2000Lossless:
+                _compress_j2k(ds)
             else:
                 ds.compress(transfer_syntax, generate_instance_uid=False)
             decoded = pixel_array(ds, raw=True)
@@ -171,6 +191,47 @@ def to_part10(ds: Dataset, transfer_syntax: UID) -> bytes:
         warnings.simplefilter("ignore")
         pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def _interleave(ds: Dataset) -> None:
+    """Colour Pixel Data with PlanarConfiguration 1 rewritten pixel-interleaved (0), values unchanged."""
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if samples == 1 or int(ds.get("PlanarConfiguration") or 0) == 0:
+        if samples > 1:
+            ds.PlanarConfiguration = 0
+        return
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames") or 1)
+    dtype = np.dtype(f"<u{max(int(ds.BitsAllocated) // 8, 1)}")
+    count = frames * samples * rows * columns
+    planar = np.frombuffer(bytes(ds.PixelData), dtype=dtype, count=count).reshape(frames, samples, rows, columns)
+    data = np.ascontiguousarray(planar.transpose(0, 2, 3, 1)).tobytes()
+    ds.PixelData = data + b"\x00" if len(data) % 2 else data
+    ds.PlanarConfiguration = 0
+
+
+def _compress_j2k(ds: Dataset) -> None:
+    """JPEG 2000 lossless; RGB with the reversible colour transform, and YBR_RCT exactly when it was used.
+
+    PS3.5 8.2.4: a JPEG 2000 codestream that applies the multi-component
+    transform is YBR_RCT (its decoder gives back the RGB values); one that
+    does not keeps its Photometric Interpretation.
+    """
+    photometric = str(ds.get("PhotometricInterpretation") or "")
+    rgb = int(ds.get("SamplesPerPixel") or 1) == 3 and photometric == "RGB"
+    if rgb:
+        ds.PhotometricInterpretation = "YBR_RCT"  # pydicom applies the transform only when told so
+    ds.compress(JPEG2000Lossless, use_mct=rgb, generate_instance_uid=False)
+    if rgb and not any(j2k_uses_mct(fragment) for fragment in generate_frames(
+            ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames") or 1))):
+        ds.PhotometricInterpretation = "RGB"
+
+
+def j2k_uses_mct(codestream: bytes) -> bool:
+    """True when the COD segment's SGcod says the multiple component transform is used (ISO 15444-1 A.6.1)."""
+    start = codestream.find(b"\xff\x4f\xff\x51")
+    cod = codestream.find(b"\xff\x52", max(start, 0))
+    return start >= 0 and 0 <= cod and cod + 9 <= len(codestream) and codestream[cod + 8] == 1
 
 
 def _swap_words(ds: Dataset) -> bytes:
@@ -198,6 +259,7 @@ __all__ = [
     "attach_fragments",
     "attach_native_pixels",
     "canonical_header_sha256",
+    "j2k_uses_mct",
     "original_target",
     "pack_frames",
     "read_header",

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from archive.errors import NotFoundError
 from archive.services.outcomes import FileOutcome, Outcome
 
 HIDDEN_OR_TEMPORARY = (".", "~")
@@ -18,16 +19,22 @@ def is_hidden_or_temporary(name: str) -> bool:
 
 
 def discover(paths: Iterable[Path]) -> tuple[list[Path], list[FileOutcome]]:
-    """Files under ``paths`` in a stable order, and those set aside before reading."""
+    """Files under ``paths`` in a stable order, and those set aside before reading.
+
+    A path that does not exist is an error (:class:`NotFoundError`), raised
+    before anything is read or recorded: a misspelt folder must not look like
+    an empty one.
+    """
+    roots = [Path(root) for root in paths]
+    missing = [root for root in roots if not root.is_file() and not root.is_dir()]
+    if missing:
+        names = ", ".join(str(root) for root in missing)
+        raise NotFoundError(f"no such file or folder: {names}; check the path (nothing was archived)")
     found: list[Path] = []
     skipped: list[FileOutcome] = []
-    for root in paths:
-        root = Path(root)
+    for root in roots:
         if root.is_file():
             found.append(root)
-            continue
-        if not root.is_dir():
-            skipped.append(FileOutcome(root, Outcome.SKIPPED, "no such file or folder"))
             continue
         for folder, dirs, files in os.walk(root):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))

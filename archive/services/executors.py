@@ -4,7 +4,8 @@ Two ways to run a task:
 
 * batch: stage (read, encode, verify, write blobs) every item, make the
   chunk's blobs durable with one sync, then commit the catalog rows of the
-  whole chunk in one transaction — the fast path;
+  whole chunk, its items' results and its studies' totals in one transaction
+  (run again when another writer won a race for a row) — the fast path;
 * careful: after a redelivery (a worker died in this task) every item is
   claimed, processed and committed alone, so the one instance that kills its
   worker is found: it is quarantined after ``max_attempts`` tries and the rest
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from archive.catalog.models import FINAL_ITEM_STATUSES, ItemStatus, Job, JobItem, JobStatus, JobTask
@@ -42,6 +44,8 @@ from archive.services.reconcile import finalize_job
 from archive.services.recording import commit_staged_batch
 from archive.services.runtime import Archive
 from archive.services.staging import StagedInstance, stage_files
+from archive.services.totals import write_counted
+from archive.services.unit_of_work import UnitOfWork
 
 @dataclass
 class TaskReport:
@@ -166,26 +170,38 @@ def _run_batch(archive: Archive, task_id: int, owner: str, report: TaskReport, p
     }
     # one fsync for the chunk's blobs, before the rows that reference them are committed
     archive.store.make_durable([ref for r in results.values() if isinstance(r, StagedInstance) for ref in r.blobs])
+    to_commit = [(item_id, r) for item_id, r in results.items() if isinstance(r, StagedInstance)]
+
+    def record(uow: UnitOfWork) -> tuple[tuple[list[tuple[FileOutcome, int | None]], list[str]], set[int]]:
+        """The chunk's rows, its items' results and its studies' totals: one transaction, run again on a lost race."""
+        committed = commit_staged_batch(uow, [r for _, r in to_commit], job_id)
+        outcomes: dict[int, FileOutcome] = {i: r for i, r in results.items() if isinstance(r, FileOutcome)}
+        outcomes.update({item_id: outcome for (item_id, _), (outcome, _study) in zip(to_commit, committed)})
+        now = utcnow()
+        rows: list[dict[str, Any]] = []
+        labels: list[str] = []
+        for item_id, outcome in outcomes.items():
+            status, label, error = item_result(outcome)
+            rows.append({"id": item_id, "status": status, "outcome": label, "error": error, "owner": None,
+                         "lease_until": None, "updated_at": now})
+            labels.append(label)
+        uow.session.execute(update(JobItem), rows)  # one executemany by primary key
+        return (committed, labels), {study for _, study in committed if study is not None}
+
     try:
+        committed, labels = write_counted(archive, record)
+        # asked after the commit, never inside it: of two tasks finishing together, the later one then
+        # sees both chunks final (inside their transactions each would see the other's still open)
         with archive.unit_of_work() as uow:
-            to_commit = [(item_id, r) for item_id, r in results.items() if isinstance(r, StagedInstance)]
-            committed = commit_staged_batch(uow, [r for _, r in to_commit], job_id)
-            outcomes: dict[int, FileOutcome] = {i: r for i, r in results.items() if isinstance(r, FileOutcome)}
-            outcomes.update({item_id: outcome for (item_id, _), (outcome, _study) in zip(to_commit, committed)})
-            now = utcnow()
-            rows = []
-            for item_id, outcome in outcomes.items():
-                status, label, error = item_result(outcome)
-                rows.append({"id": item_id, "status": status, "outcome": label, "error": error, "owner": None,
-                             "lease_until": None, "updated_at": now})
-                report.outcomes[label] += 1
-            uow.session.execute(update(JobItem), rows)  # one executemany by primary key
             still_open = bool(uow.session.scalar(select(JobItem.id).where(
                 JobItem.job_id == job_id, JobItem.status.not_in(FINAL_ITEM_STATUSES)).limit(1)))
-            uow.commit()
+        report.outcomes.update(labels)
         samples = SampleCollector()  # a chunk of one kind of headers may teach a dictionary for the next ones
         samples.add(r for (_, r), (o, _s) in zip(to_commit, committed) if o.outcome is not Outcome.DUPLICATE)
-        samples.train_ready(archive)
+        try:
+            samples.train_ready(archive)
+        except IntegrityError:  # another worker trained the same dictionary first: use theirs
+            archive.headers.forget()
         return still_open
     except Exception as exc:
         if is_transient(exc):

@@ -7,12 +7,22 @@ and older than a grace period: the catalog rows in one transaction whose
 DELETE re-checks the references itself, then the files, each only when its
 modification time is old too (``put`` refreshes it), so content that a
 concurrent ingest or re-compression is about to reference is never lost.
+
+Headers kept by corrections (``header_revisions``) are references like any
+other: verified, and never collected. ``medarchive backup`` holds
+``home/backup.lock`` shared while it copies; the collector takes it
+exclusively before it deletes files or compacts packs, and when a backup
+holds it deletes catalog rows only (their bytes go on a later run), so a
+backup never misses a blob its catalog snapshot references.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import islice
@@ -22,7 +32,16 @@ from typing import Any
 from sqlalchemy import Select, delete, exists, func, null, select, union_all, update
 from sqlalchemy.orm import Session
 
-from archive.catalog.models import Blob, EncodedFrame, Encoding, HeaderDictionary, Instance, Series, Study
+from archive.catalog.models import (
+    Blob,
+    EncodedFrame,
+    Encoding,
+    HeaderDictionary,
+    HeaderRevision,
+    Instance,
+    Series,
+    Study,
+)
 from archive.errors import BlobCorruptError, BlobNotFoundError, NotFoundError
 from archive.services.blobs import blob_refs
 from archive.services.runtime import Archive
@@ -34,6 +53,27 @@ MISSING = "missing"
 CORRUPT = "corrupt"
 _PAGE = 1000
 COMPACT_DEAD_FRACTION = 0.25  # a sealed pack is rewritten once this share of it is dead
+BACKUP_LOCK = "backup.lock"  # in the home: shared by a backup, exclusive by the collector's file phase
+
+
+@contextmanager
+def backup_lock(home: Path, *, exclusive: bool, wait: bool = True) -> Iterator[bool]:
+    """Hold ``home/backup.lock``; yields False when ``wait`` is off and another process holds it the other way.
+
+    A backup holds it shared (several may run); the garbage collector
+    exclusively, without waiting, while it deletes files and compacts packs.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home / BACKUP_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @dataclass(frozen=True)
@@ -51,7 +91,7 @@ class VerifyReport:
     study_uid: str | None = None  # None: the whole archive
     blobs_checked: int = 0
     bytes_checked: int = 0
-    problems: list[BlobProblem] = field(default_factory=list)
+    problems: list[BlobProblem] = field(default_factory=list)  # study and instance "" : no instance uses it
 
     @property
     def ok(self) -> bool:
@@ -96,6 +136,7 @@ class GcReport:
     pack_bytes_moved: int = 0  # live bytes copied by compaction
     pack_bytes_reclaimable: int = 0  # dead bytes in the packs retired by this run
     pack_bytes_freed: int = 0  # retired packs deleted (set aside by an earlier run, past the grace period)
+    deferred_for_backup: bool = False  # a backup held the lock: rows deleted, files and packs left for a later run
     deleted: list[str] = field(default_factory=list)  # digests of the loose files deleted
 
     @property
@@ -170,14 +211,20 @@ def _references(study_id: int | None) -> Select[tuple[str, int]]:
     headers = select(Instance.header_blob.label("digest"), Instance.id.label("instance_id"))
     dictionaries = select(Instance.header_dictionary.label("digest"), Instance.id.label("instance_id")).where(
         Instance.header_dictionary.is_not(None))
+    revisions = select(HeaderRevision.header_blob.label("digest"), HeaderRevision.instance_id.label("instance_id"))
+    revision_dictionaries = select(HeaderRevision.header_dictionary.label("digest"),
+                                   HeaderRevision.instance_id.label("instance_id")).where(
+        HeaderRevision.header_dictionary.is_not(None))
     if study_id is not None:
         in_study = select(Instance.id).join(Series, Series.id == Instance.series_id).where(Series.study_id == study_id)
         frames = frames.where(Encoding.instance_id.in_(in_study))
         headers = headers.where(Instance.id.in_(in_study))
         dictionaries = dictionaries.where(Instance.id.in_(in_study))
-        return select(union_all(frames, headers, dictionaries).subquery())
+        revisions = revisions.where(HeaderRevision.instance_id.in_(in_study))
+        revision_dictionaries = revision_dictionaries.where(HeaderRevision.instance_id.in_(in_study))
+        return select(union_all(frames, headers, dictionaries, revisions, revision_dictionaries).subquery())
     trained = select(HeaderDictionary.blob_sha256.label("digest"), null().label("instance_id"))
-    return select(union_all(frames, headers, dictionaries, trained).subquery())
+    return select(union_all(frames, headers, dictionaries, revisions, revision_dictionaries, trained).subquery())
 
 
 def _attribute(session: Session, bad: dict[str, str], study_id: int | None) -> list[BlobProblem]:
@@ -194,6 +241,9 @@ def _attribute(session: Session, bad: dict[str, str], study_id: int | None) -> l
     ).all()
     for digest, study, sop in rows:
         problems.append(BlobProblem(study, sop, digest, bad[digest]))
+    named = {problem.digest for problem in problems}
+    for digest in sorted(set(bad) - named):  # a trained header dictionary no instance uses yet
+        problems.append(BlobProblem("", "", digest, bad[digest]))
     return problems
 
 
@@ -215,6 +265,8 @@ def collect_garbage(
         & ~exists().where(Instance.header_blob == Blob.sha256)
         & ~exists().where(Instance.header_dictionary == Blob.sha256)
         & ~exists().where(HeaderDictionary.blob_sha256 == Blob.sha256)
+        & ~exists().where(HeaderRevision.header_blob == Blob.sha256)
+        & ~exists().where(HeaderRevision.header_dictionary == Blob.sha256)
     )
     with archive.unit_of_work() as uow:
         if dry_run:
@@ -227,6 +279,21 @@ def collect_garbage(
             ).all()
             uow.commit()
     report.blob_rows = len(rows)
+    if dry_run:
+        _collect_files(archive, report, rows, cutoff_ts, grace_seconds)
+        return report
+    with backup_lock(archive.settings.home, exclusive=True, wait=False) as held:
+        if not held:  # a backup is copying what its snapshot references: its files stay until a later run
+            report.deferred_for_backup = True
+            return report
+        _collect_files(archive, report, rows, cutoff_ts, grace_seconds)
+    return report
+
+
+def _collect_files(archive: Archive, report: GcReport, rows: Sequence[Any], cutoff_ts: float,
+                   grace_seconds: float) -> None:
+    """The file phase of :func:`collect_garbage`: loose files of deleted rows, orphans, then pack compaction."""
+    dry_run = report.dry_run
     loose = archive.store.loose
     for digest, size, pack in sorted(rows):
         if pack is not None:
@@ -259,8 +326,7 @@ def collect_garbage(
             report.deleted.append(digest)
     # a dry run deleted no rows: its compaction estimate must not count the packed ones it would delete as live
     doomed = {digest for digest, _, pack in rows if pack is not None} if dry_run else set()
-    compact_packs(archive, report, cutoff_ts, grace_seconds=grace_seconds, dry_run=dry_run, unreferenced=doomed)
-    return report
+    _compact_packs(archive, report, cutoff_ts, grace_seconds=grace_seconds, dry_run=dry_run, unreferenced=doomed)
 
 
 def compact_packs(
@@ -274,8 +340,23 @@ def compact_packs(
     location, after the copies are durable; the old pack is set aside, and
     deleted by a run after the grace period, so a reader holding its old
     location still reads it meanwhile. ``unreferenced``: digests whose rows
-    a dry run would have deleted, not counted as live.
+    a dry run would have deleted, not counted as live. Nothing is moved or
+    deleted while a backup runs (``report.deferred_for_backup``).
     """
+    if dry_run:
+        _compact_packs(archive, report, cutoff_ts, grace_seconds=grace_seconds, dry_run=True, unreferenced=unreferenced)
+        return
+    with backup_lock(archive.settings.home, exclusive=True, wait=False) as held:
+        if not held:
+            report.deferred_for_backup = True
+            return
+        _compact_packs(archive, report, cutoff_ts, grace_seconds=grace_seconds, unreferenced=unreferenced)
+
+
+def _compact_packs(
+    archive: Archive, report: GcReport, cutoff_ts: float, *, grace_seconds: float = 0.0, dry_run: bool = False,
+    unreferenced: set[str] | frozenset[str] = frozenset(),
+) -> None:
     packs = archive.store.packs
     if not dry_run:
         report.pack_bytes_freed += packs.purge_retired(cutoff_ts)

@@ -29,6 +29,8 @@ from archive.services.quarantine import quarantine_file, quarantine_unless_kept
 from archive.services.recording import commit_staged
 from archive.services.runtime import Archive
 from archive.services.staging import StagedInstance, stage_file
+from archive.services.totals import write_counted
+from archive.services.unit_of_work import UnitOfWork
 
 ItemResult = tuple[ItemStatus, ItemOutcome, str | None]  # status, outcome, error
 
@@ -80,12 +82,15 @@ def _ingest_one(archive: Archive, item_id: int) -> ItemResult:
         staged = quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id)
     if isinstance(staged, FileOutcome):
         staged = quarantine_unless_kept(archive, staged, job_id=job_id, keep_skipped=keep_skipped)
+    def record(uow: UnitOfWork) -> tuple[ItemResult, list[int]]:
+        """The instance's rows, the item's result and its study's totals: one transaction, run again on a lost race."""
+        recorded, study_id = commit_staged(uow, staged, job_id) if isinstance(staged, StagedInstance) else (staged, None)
+        result = item_result(recorded)
+        finish_item(uow.session, item_id, *result)
+        return result, [] if study_id is None else [study_id]
+
     try:
-        with archive.unit_of_work() as uow:
-            recorded = commit_staged(uow, staged, job_id)[0] if isinstance(staged, StagedInstance) else staged
-            status, label, error = item_result(recorded)
-            finish_item(uow.session, item_id, status, label, error)
-            uow.commit()
+        status, label, error = write_counted(archive, record)
     except Exception as exc:
         if is_transient(exc):
             raise

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -34,9 +36,28 @@ class IngestReport:
     outcomes: list[FileOutcome] = field(default_factory=list)
     seconds: float = 0.0
     job_id: int | None = None
+    files: int = 0  # files found under the paths (those set aside before reading included)
+    interrupted: bool = False  # stopped by SIGINT/SIGTERM: the outcomes are what was done before
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for o in self.outcomes if o.outcome is outcome)
+
+    @property
+    def remaining(self) -> int:
+        """Files found but never reached (an interrupted ingest)."""
+        return max(self.files - len(self.outcomes), 0)
+
+    def job_counts(self, more: Iterable[FileOutcome] = ()) -> dict[str, int]:
+        """What ``jobs`` shows for a direct ingest: outcome value -> files, and ``files`` found in all."""
+        counts = Counter(o.outcome.value for o in self.outcomes)
+        counts.update(o.outcome.value for o in more)
+        return {**{o.value: counts.get(o.value, 0) for o in Outcome}, "files": self.files}
+
+    def nothing_to_archive(self, paths: Sequence[Path]) -> str | None:
+        """The error when every file was set aside as not DICOM, hidden or temporary (None otherwise)."""
+        if self.interrupted or any(o.outcome is not Outcome.SKIPPED for o in self.outcomes):
+            return None
+        return nothing_to_archive_message(paths, self.outcomes)
 
     @property
     def studies(self) -> set[str]:
@@ -60,3 +81,13 @@ class IngestReport:
 
     def with_outcome(self, outcome: Outcome) -> list[FileOutcome]:
         return [o for o in self.outcomes if o.outcome is outcome]
+
+
+def nothing_to_archive_message(paths: Sequence[Path], skipped: Sequence[FileOutcome]) -> str:
+    """``nothing to archive in X (N files skipped: a (why), ...)``: the folder holds no DICOM file."""
+    where = ", ".join(str(p) for p in paths)
+    if not skipped:
+        return f"nothing to archive in {where}: no files found"
+    shown = "; ".join(f"{o.path.name} ({o.reason})" for o in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return f"nothing to archive in {where} ({len(skipped)} file(s) skipped: {shown}{more})"

@@ -16,10 +16,10 @@ from archive.catalog.models import FINAL_ITEM_STATUSES, EncodedFrame, Encoding, 
 from archive.clock import aware_utc, utcnow
 from archive.services.blobs import blob_refs
 from archive.services.job_kinds import handler_for, in_window
-from archive.services.leases import process_owner, reclaimable
+from archive.services.leases import owner_is_dead, process_owner, reclaimable
 from archive.services.runtime import Archive
 from archive.services.submission import Dispatcher, dispatch
-from archive.services.totals import refresh_totals
+from archive.services.totals import begin_write, refresh_totals
 
 def finalize_job(archive: Archive, job_id: int) -> bool:
     """Close a job whose items are all final: recompute totals from the catalog, release its spool folder.
@@ -31,8 +31,8 @@ def finalize_job(archive: Archive, job_id: int) -> bool:
     with archive.unit_of_work() as uow:
         session = uow.session
         job = session.get(Job, job_id)
-        if job is None or job.status in (JobStatus.DONE, JobStatus.FAILED, JobStatus.SPOOLING):
-            return False
+        if job is None or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING) or is_direct(job):
+            return False  # a direct ingest (no items) closes itself, or is closed by reconcile when its process died
         open_count = session.scalar(
             select(func.count()).select_from(JobItem).where(
                 JobItem.job_id == job_id, JobItem.status.not_in(FINAL_ITEM_STATUSES)
@@ -40,6 +40,7 @@ def finalize_job(archive: Archive, job_id: int) -> bool:
         )
         if open_count:
             return False
+        begin_write(session)  # SQLite: the totals are read and written under one lock while others commit
         counts: Counter[str] = Counter()
         for status, outcome, n in session.execute(
             select(JobItem.status, JobItem.outcome, func.count()).where(JobItem.job_id == job_id)
@@ -70,6 +71,35 @@ def finalize_job(archive: Archive, job_id: int) -> bool:
     return bool(won)
 
 
+def is_direct(job: Job) -> bool:
+    """A ``medarchive ingest`` run in its own process (no job items, no broker): only it can finish its job."""
+    return bool(job.params.get("direct") or "jobs" in job.params)
+
+
+def close_orphaned_ingests(archive: Archive) -> list[int]:
+    """Mark interrupted the direct ingests whose process is gone (SIGKILL, a crash, a power cut).
+
+    What they committed stays, with right totals (each batch carries them);
+    running the same ingest again stores the rest.
+    """
+    closed: list[int] = []
+    with archive.unit_of_work() as uow:
+        running = uow.session.scalars(select(Job).where(Job.status == JobStatus.RUNNING, ~Job.id.in_(
+            select(JobItem.job_id).distinct()))).all()
+        for job in running:
+            owner = job.params.get("owner")
+            if not is_direct(job) or not owner_is_dead(owner):
+                continue
+            result = uow.session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.RUNNING).values(
+                status=JobStatus.INTERRUPTED, finished_at=utcnow(),
+                error=f"the ingest process {owner or '(unknown)'} ended without finishing; "
+                      "run the same ingest again to store the rest").execution_options(synchronize_session=False))
+            if getattr(result, "rowcount", 0) == 1:
+                closed.append(job.id)
+        uow.commit()
+    return closed
+
+
 def _missing_blobs(archive: Archive, session: Session, job_id: int) -> list[str]:
     digests = set(session.scalars(select(Instance.header_blob).where(Instance.job_id == job_id)))
     digests.update(session.scalars(
@@ -85,10 +115,11 @@ class ReconcileReport:
     redispatched: list[int] = field(default_factory=list)
     finalized: list[int] = field(default_factory=list)
     spools_removed: list[str] = field(default_factory=list)
+    interrupted: list[int] = field(default_factory=list)  # direct ingests whose process died
 
     def as_dict(self) -> dict[str, Any]:
         return {"redispatched": self.redispatched, "finalized": self.finalized,
-                "spools_removed": self.spools_removed}
+                "spools_removed": self.spools_removed, "interrupted": self.interrupted}
 
 
 def reconcile(archive: Archive, dispatcher: Dispatcher, *, queue_depth: int | None = None) -> ReconcileReport:
@@ -132,11 +163,11 @@ def reconcile(archive: Archive, dispatcher: Dispatcher, *, queue_depth: int | No
                 waiting.append((sent, task_id))
             elif not running and queue_depth == 0 and sent < now - timedelta(seconds=min(settings.requeue_after, 30)):
                 waiting.append((sent, task_id))
-        finished = list(session.scalars(
-            select(Job.id).where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]), ~Job.id.in_(
+        finished = [job.id for job in session.scalars(
+            select(Job).where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]), ~Job.id.in_(
                 select(JobItem.job_id).where(JobItem.status.in_([ItemStatus.QUEUED, ItemStatus.RUNNING]))
             ))
-        ))
+        ) if not is_direct(job)]
         leftover_spools = [(j.id, j.spool_dir) for j in session.scalars(
             select(Job).where(Job.status == JobStatus.DONE, Job.spool_dir.is_not(None))
         ) if j.spool_dir and Path(j.spool_dir).exists()]
@@ -145,6 +176,7 @@ def reconcile(archive: Archive, dispatcher: Dispatcher, *, queue_depth: int | No
     report.redispatched.extend(task_id for _, task_id in waiting[:lost])
     dispatch(archive, report.redispatched, dispatcher)
     report.finalized = [job_id for job_id in finished if finalize_job(archive, job_id)]
+    report.interrupted = close_orphaned_ingests(archive)
     for _job_id, spool in leftover_spools:
         shutil.rmtree(spool, ignore_errors=True)
         report.spools_removed.append(spool)

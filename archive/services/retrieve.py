@@ -1,4 +1,4 @@
-"""Use case: give a study back as DICOM Part 10 files, or one frame alone."""
+"""Use case: give a study or one series back as DICOM Part 10 files, or one frame alone."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from archive.dicom.writer import (
     read_header,
     to_part10,
 )
-from archive.errors import ArchiveError, NotFoundError
+from archive.errors import ArchiveError, BlobCorruptError, BlobNotFoundError, NotFoundError
 from archive.services.blobs import read_blob, read_blobs
+from archive.services.query import resolve_uid
 from archive.services.runtime import Archive
 from archive.services.unit_of_work import UnitOfWork
 
@@ -43,10 +44,22 @@ class RetrievedInstance:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class UnreadableInstance:
+    """An instance ``get --keep-going`` could not write: a blob it needs is missing or corrupt."""
+
+    sop_instance_uid: str
+    series_uid: str
+    problem: str  # "missing" or "corrupt"
+    error: str
+
+
 @dataclass
 class RetrieveReport:
     study_uid: str
     files: list[RetrievedInstance] = field(default_factory=list)
+    series_uid: str | None = None  # set when one series was asked for
+    unreadable: list[UnreadableInstance] = field(default_factory=list)
 
     @property
     def syntaxes(self) -> Counter[str]:
@@ -60,27 +73,62 @@ def retrieve_study(
     *,
     transfer_syntax: str = "explicit-le",
     include_conflicts: bool = False,
+    keep_going: bool = False,
 ) -> RetrieveReport:
-    """Write one Part 10 file per instance under ``out_dir/<series>/<instance>.dcm``."""
+    """Write one Part 10 file per instance of a study under ``out_dir/<series>/<instance>.dcm``."""
+    with archive.unit_of_work() as uow:
+        if uow.session.scalar(select(Study.id).where(Study.study_uid == study_uid)) is None:
+            raise NotFoundError(f"no study with Study Instance UID {study_uid!r}")
+    return retrieve(archive, study_uid, out_dir, transfer_syntax=transfer_syntax,
+                    include_conflicts=include_conflicts, keep_going=keep_going)
+
+
+def retrieve(
+    archive: Archive,
+    uid: str,
+    out_dir: Path,
+    *,
+    transfer_syntax: str = "explicit-le",
+    include_conflicts: bool = False,
+    keep_going: bool = False,
+) -> RetrieveReport:
+    """Write a study's or one series' instances (``uid`` is either UID) as Part 10 files.
+
+    An instance whose blob is missing or corrupt stops the retrieval with an
+    error naming it; with ``keep_going`` it is listed in ``unreadable`` and
+    the rest is written.
+    """
     if transfer_syntax not in TRANSFER_SYNTAX_CHOICES:
         raise ArchiveError(f"unknown transfer syntax {transfer_syntax!r}; choose from {', '.join(TRANSFER_SYNTAX_CHOICES)}")
-    report = RetrieveReport(study_uid)
     out_dir = Path(out_dir)
     with archive.unit_of_work() as uow:
-        study = uow.session.scalar(select(Study).where(Study.study_uid == study_uid))
-        if study is None:
-            raise NotFoundError(f"no study with Study Instance UID {study_uid!r}")
+        study, series = resolve_uid(uow.session, uid)
+        report = RetrieveReport(study.study_uid, series_uid=series.series_uid if series is not None else None)
+        where = Instance.series_id == series.id if series is not None else Series.study_id == study.id
         instances = uow.session.scalars(
             select(Instance)
             .join(Series)
-            .where(Series.study_id == study.id)
+            .where(where)
             .options(selectinload(Instance.series), selectinload(Instance.encodings).selectinload(Encoding.frames))
             .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
         ).all()
         for instance in instances:
             if instance.status is InstanceStatus.CONFLICT and not include_conflicts:
                 continue
-            data, syntax, note = instance_part10(uow, instance, transfer_syntax)
+            try:
+                data, syntax, note = instance_part10(uow, instance, transfer_syntax)
+            except (BlobNotFoundError, BlobCorruptError) as exc:
+                problem = "missing" if isinstance(exc, BlobNotFoundError) else "corrupt"
+                if not keep_going:
+                    raise type(exc)(
+                        f"instance {instance.sop_instance_uid} (series {instance.series.series_uid}) cannot be read: "
+                        f"{exc}. {len(report.files)} instance(s) were written to {out_dir}; `medarchive get "
+                        f"--keep-going` writes the readable rest, `medarchive verify` lists every damaged blob, "
+                        f"and ingesting the original file again (or `medarchive verify --repair-from DIR`) repairs it"
+                    ) from exc
+                report.unreadable.append(
+                    UnreadableInstance(instance.sop_instance_uid, instance.series.series_uid, problem, str(exc)))
+                continue
             name = safe_component(instance.sop_instance_uid)
             if instance.conflict_seq:
                 name += f".conflict-{instance.conflict_seq}"

@@ -22,10 +22,23 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from archive.catalog.models import Instance
-from archive.codecs import Codec
+from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
+
+from archive.catalog.models import HeaderRevision, Instance
+from archive.codecs import Codec, decode_frame
+from archive.codecs.fragment import FragmentLayout, wrap_fragment
 from archive.dicom.header import header_of
-from archive.dicom.reader import ParsedInstance, iter_fragments, iter_frames, read_instance
+from archive.dicom.reader import (
+    LOSSLESS,
+    ParsedInstance,
+    fidelity,
+    is_lossless_compressed,
+    iter_fragments,
+    iter_frames,
+    parse_instance,
+    read_instance,
+)
 from archive.dicom.writer import canonical_header_sha256, read_header
 from archive.errors import ArchiveError, InstanceTimeLimitExceeded, InvalidDicomError, NotDicomError
 from archive.kinds import EncodingKind, StorageMode
@@ -55,6 +68,7 @@ class StagedInstance:
     mode_reason: str = ""
     bytes_stored: int = 0
     header_key: str = ""  # modality and manufacturer: which header dictionary fits
+    fidelity: int = LOSSLESS  # archive.dicom.reader.fidelity: lossless beats lossy for one SOP Instance UID
 
     @property
     def frames_or_pixels(self) -> bool:
@@ -105,13 +119,13 @@ class _Read:
     header_sha256: str
     pixel_sha256: str
     frames: list[np.ndarray] | None = None  # decoded stored values (PIXELS)
-    fragments: list[bytes] | None = None  # original compressed frames (PASSTHROUGH)
+    fragments: list[bytes] | None = None  # original compressed frames (PASSTHROUGH, lossless compressed PIXELS)
 
     @property
     def pixel_bytes(self) -> int:
         """Memory held until the write phase."""
         if self.frames is not None:
-            return sum(frame.nbytes for frame in self.frames)
+            return sum(frame.nbytes for frame in self.frames) + sum(len(f) for f in self.fragments or ())
         return len(self.parsed.source_bytes)
 
 
@@ -239,52 +253,155 @@ def _read(path: Path) -> _Read:
     header = header_of(parsed)
     if parsed.mode is StorageMode.PIXELS:
         frames = list(iter_frames(parsed))
-        return _Read(parsed, header.part10, header.dataset_sha256, pixel_hash(frames), frames=frames)
-    hasher = hashlib.sha256()
+        kept = list(iter_fragments(parsed)) if is_lossless_compressed(parsed) else None
+        return _Read(parsed, header.part10, header.dataset_sha256, pixel_hash(frames), frames=frames, fragments=kept)
     if parsed.mode is StorageMode.PASSTHROUGH:
         fragments = list(iter_fragments(parsed))
-        for fragment in fragments:
-            hasher.update(len(fragment).to_bytes(8, "little"))
-            hasher.update(fragment)
-        return _Read(parsed, header.part10, header.dataset_sha256, hasher.hexdigest(), fragments=fragments)
-    hasher.update(bytes(parsed.dataset.get("PixelData") or b""))
-    return _Read(parsed, header.part10, header.dataset_sha256, hasher.hexdigest())
+        return _Read(parsed, header.part10, header.dataset_sha256, fragments_sha256(fragments), fragments=fragments)
+    return _Read(parsed, header.part10, header.dataset_sha256, whole_pixel_sha256(parsed))
+
+
+def fragments_sha256(fragments: Sequence[bytes]) -> str:
+    """The pixel identity of a passthrough instance: its codestreams (lossy pixels have no other)."""
+    hasher = hashlib.sha256()
+    for fragment in fragments:
+        hasher.update(len(fragment).to_bytes(8, "little"))
+        hasher.update(fragment)
+    return hasher.hexdigest()
+
+
+_FLOAT_PIXEL_TAGS = ((Tag(0x7FE00008), 4), (Tag(0x7FE00009), 8))  # Float / Double Float Pixel Data
+
+
+def whole_pixel_sha256(parsed: ParsedInstance) -> str:
+    """The pixel identity of a whole-kept object: its pixel values as little-endian bytes, whatever the syntax.
+
+    Pixel Data arrives big endian in Explicit VR Big Endian (OW words, or
+    samples of BitsAllocated bits, swapped); deflate is undone by the reader.
+    Little-endian Pixel Data alone hashes as it always did (catalogs keep
+    their hashes); float pixel data is hashed too, each after its tag.
+    """
+    ds = parsed.dataset
+    big = parsed.transfer_syntax_uid == ExplicitVRBigEndian
+    hasher = hashlib.sha256()
+    element = ds.get(Tag(0x7FE00010))
+    if element is not None:
+        width = max(int(ds.get("BitsAllocated") or 8) // 8, 2 if element.VR == "OW" else 1)
+        hasher.update(_little_endian(bytes(element.value or b""), width if big else 1))
+    for tag, width in _FLOAT_PIXEL_TAGS:
+        element = ds.get(tag)
+        if element is not None:
+            hasher.update(int(tag).to_bytes(4, "little"))
+            hasher.update(_little_endian(bytes(element.value or b""), width if big else 1))
+    return hasher.hexdigest()
+
+
+def _little_endian(data: bytes, width: int) -> bytes:
+    if width <= 1:
+        return data
+    usable = len(data) - len(data) % width
+    return np.frombuffer(data[:usable], dtype=f">u{width}").byteswap().tobytes() + data[usable:]
+
+
+def archived_pixel_sha256(data: bytes) -> str | None:
+    """The pixel identity a whole-kept object's stored file has today (None when it cannot be read).
+
+    A catalog row keeps the hash of the day it was stored; an object kept
+    whole in another syntax (or before the hash was syntax-independent)
+    is compared by reading it back.
+    """
+    try:
+        parsed = parse_instance(data, Path("archived.dcm"))
+        if parsed.mode is StorageMode.PIXELS:
+            return pixel_hash(iter_frames(parsed))
+        if parsed.mode is StorageMode.PASSTHROUGH:
+            return fragments_sha256(list(iter_fragments(parsed)))
+        return whole_pixel_sha256(parsed)
+    except ArchiveError:
+        return None
 
 
 def find_duplicates(archive: Archive, session: Session, reads: Sequence[_Read]) -> dict[int, FileOutcome]:
     """Reads whose SOP instance is already archived (same pixels, same header elements), by ``id(read)``.
 
-    One query for all of them. Header hashes are compared first; when they
-    differ but the pixels match, both headers' elements are compared
-    independently of their encoding (an instance kept as received and its copy
-    re-sent in another transfer syntax are the same elements written
-    differently).
+    One query for all of them, and one for earlier headers of the instances
+    found (an administrator's correction keeps the header as received: the
+    modality re-sending it sends a duplicate). Header hashes are compared
+    first; when they differ but the pixels match, the headers' elements are
+    compared independently of their encoding (an instance kept as received and
+    its copy re-sent in another transfer syntax are the same elements written
+    differently). A whole-kept instance whose stored pixel hash differs is
+    read back and its pixel values compared.
     """
     uids = sorted({read.parsed.sop_instance_uid for read in reads})
-    known: dict[tuple[str, str | None], list[Any]] = {}
+    known: dict[str, list[Any]] = {}
     for start in range(0, len(uids), 500):
         for row in session.connection().execute(  # Core: no ORM layer
             select(Instance.id, Instance.sop_instance_uid, Instance.pixel_sha256, Instance.header_sha256,
-                   Instance.header_blob, Instance.header_dictionary)
+                   Instance.header_blob, Instance.header_dictionary, Instance.storage_mode)
             .where(Instance.sop_instance_uid.in_(uids[start:start + 500])).order_by(Instance.id)
         ):
-            known.setdefault((row.sop_instance_uid, row.pixel_sha256), []).append(row)
+            known.setdefault(row.sop_instance_uid, []).append(row)
+    if not known:
+        return {}
+    previous = previous_headers(session, [row.id for rows in known.values() for row in rows])
+    canonical: dict[str, str | None] = {}  # header blob digest -> canonical element hash
+    archived_pixels: dict[int, str | None] = {}  # whole-kept instance id -> its pixel identity read back
+
+    def canonical_of(blob: str, dictionary: str | None) -> str | None:
+        if blob not in canonical:
+            try:
+                canonical[blob] = canonical_header_sha256(
+                    read_header(archive.headers.read_header(session, blob, dictionary)))
+            except ArchiveError:  # a damaged blob: not proof of sameness (repair is another path)
+                canonical[blob] = None
+        return canonical[blob]
+
+    def same_pixels(row: Any, read: _Read) -> bool:
+        if row.pixel_sha256 == read.pixel_sha256:
+            return True
+        if row.storage_mode is not StorageMode.WHOLE and read.parsed.mode is not StorageMode.WHOLE:
+            return False
+        if row.storage_mode is StorageMode.WHOLE and row.id not in archived_pixels:
+            try:
+                archived_pixels[row.id] = archived_pixel_sha256(
+                    archive.headers.read_header(session, row.header_blob, row.header_dictionary))
+            except ArchiveError:
+                archived_pixels[row.id] = None
+        return archived_pixels.get(row.id) == read.pixel_sha256
+
     found: dict[int, FileOutcome] = {}
     for read in reads:
         parsed = read.parsed
-        rows = known.get((parsed.sop_instance_uid, read.pixel_sha256), [])
-        same = next((row.id for row in rows if row.header_sha256 == read.header_sha256), None)
-        if same is None and rows:
-            canonical = canonical_header_sha256(parsed.dataset)
-            for row in rows:
-                part10 = archive.headers.read_header(session, row.header_blob, row.header_dictionary)
-                if canonical_header_sha256(read_header(part10)) == canonical:
-                    same = row.id
-                    break
+        rows = [row for row in known.get(parsed.sop_instance_uid, []) if same_pixels(row, read)]
+        variants = [(row.id, row.header_sha256, row.header_blob, row.header_dictionary) for row in rows]
+        variants += [(row.id, *header) for row in rows for header in previous.get(row.id, ())]
+        same = next((row_id for row_id, sha, _, _ in variants if sha == read.header_sha256), None)
+        if same is None and variants:
+            mine = canonical_header_sha256(parsed.dataset)
+            same = next((row_id for row_id, _, blob, dictionary in variants
+                         if canonical_of(blob, dictionary) == mine), None)
         if same is not None:
+            from archive.services.repair import repair_duplicate  # repair stages through this module
+
+            repaired = repair_duplicate(archive, parsed.source_path, same)  # a damaged blob is written again
             found[id(read)] = FileOutcome(parsed.source_path, Outcome.DUPLICATE,
-                                          f"same SOP instance as already archived (instance {same})",
+                                          f"same SOP instance as already archived (instance {same})"
+                                          + (f"; {repaired}" if repaired else ""),
                                           study_uid=parsed.study_uid)
+    return found
+
+
+def previous_headers(session: Session, instance_ids: Sequence[int]) -> dict[int, list[tuple[str, str, str | None]]]:
+    """Headers the instances had before a correction: instance id -> [(header hash, blob, dictionary)]."""
+    found: dict[int, list[tuple[str, str, str | None]]] = {}
+    ids = sorted(set(instance_ids))
+    for start in range(0, len(ids), 500):
+        for row in session.connection().execute(
+            select(HeaderRevision.instance_id, HeaderRevision.header_sha256, HeaderRevision.header_blob,
+                   HeaderRevision.header_dictionary).where(HeaderRevision.instance_id.in_(ids[start:start + 500]))
+        ):
+            found.setdefault(row.instance_id, []).append((row.header_sha256, row.header_blob, row.header_dictionary))
     return found
 
 
@@ -303,57 +420,128 @@ def _write(
             dtype=layout.dtype,
             frame_shape=list(layout.frame_shape),
         )
-    if parsed.mode is StorageMode.WHOLE:  # the header blob is the whole object; the encoding records what that cost
-        header = store.put(compress_bytes(parsed.source_bytes, zstd_level))
-        pixels = layout.total_pixels if layout else 0
-        side_info["scope"] = "whole file"
-        encoding: dict[str, Any] = dict(
-            kind=EncodingKind.WHOLE, codec_id="zstd", codec_config={"id": "zstd", "level": zstd_level},
-            actual_codecs={"zstd": 1}, library_versions=_zstd_versions(), side_info=side_info, num_frames=0,
-            bytes_before=len(parsed.source_bytes), bytes_after=header.size,
-            ratio=len(parsed.source_bytes) / max(header.size, 1),
-            bits_per_pixel=header.size * 8 / pixels if pixels else 0.0, mse=0.0, psnr=None, psnr_range=None,
-            max_abs_error=0.0,
-        )
-        frames: list[BlobRef] = []
-        stored = header.size
-        dictionary = None
+    reason = parsed.mode_reason
+    mode = parsed.mode
+    encoded: list[bytes]
+    if mode is StorageMode.WHOLE:
+        header_bytes, dictionary, encoded = compress_bytes(parsed.source_bytes, zstd_level), None, []
+        encoding = _whole_encoding(parsed, header_bytes, zstd_level, side_info)
     else:
         header_bytes, dictionary = headers.compress(header_key_of(parsed), read.header_part10, session)
-        header = store.put(header_bytes)
         assert layout is not None
-        if parsed.mode is StorageMode.PIXELS:
+        if mode is StorageMode.PIXELS:
             assert read.frames is not None
             encoding, encoded = encode_frames(codec, read.frames, layout.bits_stored, layout.total_pixels,
                                               layout.frame_bytes * layout.number_of_frames, side_info,
                                               str(parsed.source_path))
+            if read.fragments is not None:
+                kept = _keep_original_fragments(read, encoded, side_info, codec.codec_id)
+                if kept is not None:
+                    encoding, encoded, reason = kept
         else:
             assert read.fragments is not None
-            encoded = read.fragments
-            after = sum(len(f) for f in encoded)
-            before = layout.frame_bytes * layout.number_of_frames
-            encoding = dict(
-                kind=EncodingKind.PASSTHROUGH, codec_id="passthrough",
-                codec_config={"id": "passthrough", "transfer_syntax": parsed.transfer_syntax_uid},
-                actual_codecs={"passthrough": len(encoded)}, library_versions={}, side_info=side_info,
-                num_frames=len(encoded), bytes_before=before, bytes_after=after, ratio=before / max(after, 1),
-                bits_per_pixel=after * 8 / max(layout.total_pixels, 1), mse=0.0, psnr=None, psnr_range=None,
-                max_abs_error=0.0,
-            )
-        frames = [store.put(data) for data in encoded]
-        stored = header.size + int(encoding["bytes_after"])
+            encoded = list(read.fragments)
+            encoding = _passthrough_encoding(parsed, encoded, side_info, parsed.transfer_syntax_uid)
+        stored_size = len(header_bytes) + sum(len(data) for data in encoded)
+        if parsed.transfer_syntax_uid == DeflatedExplicitVRLittleEndian and stored_size > len(parsed.source_bytes):
+            whole = compress_bytes(parsed.source_bytes, zstd_level)
+            if len(whole) < stored_size:  # the sender's deflate beat our codec: keep the deflated object whole
+                reason = (f"deflated input kept whole: {len(whole)} bytes stored, "
+                          f"{stored_size} re-encoded, {len(parsed.source_bytes)} received")
+                mode, header_bytes, dictionary, encoded = StorageMode.WHOLE, whole, None, []
+                encoding = _whole_encoding(parsed, whole, zstd_level, side_info)
+    header = store.put(header_bytes)
+    frames = [store.put(data) for data in encoded]
+    stored = header.size + sum(ref.size for ref in frames)
+    if mode is StorageMode.WHOLE:
+        encoding.update(bytes_after=header.size, ratio=len(parsed.source_bytes) / max(header.size, 1))
+    instance = dict(_instance_columns(read), header_dictionary=dictionary, storage_mode=mode, storage_reason=reason)
     return StagedInstance(
         path=parsed.source_path,
         study=_study_columns(parsed),
         series=_series_columns(parsed),
-        instance=dict(_instance_columns(read), header_dictionary=dictionary),
+        instance=instance,
         encoding=encoding,
         header=header,
         frames=frames,
-        mode_reason=parsed.mode_reason,
+        mode_reason=reason,
         bytes_stored=stored,
         header_key=header_key_of(parsed),
+        fidelity=fidelity(parsed),
     )
+
+
+def _whole_encoding(parsed: ParsedInstance, blob: bytes, zstd_level: int, side_info: dict[str, Any]) -> dict[str, Any]:
+    """The encoding of an object kept whole: the header blob is the whole file; this records what that cost."""
+    layout = parsed.layout
+    pixels = layout.total_pixels if layout else 0
+    side_info["scope"] = "whole file"
+    return dict(
+        kind=EncodingKind.WHOLE, codec_id="zstd", codec_config={"id": "zstd", "level": zstd_level},
+        actual_codecs={"zstd": 1}, library_versions=_zstd_versions(), side_info=side_info, num_frames=0,
+        bytes_before=len(parsed.source_bytes), bytes_after=len(blob),
+        ratio=len(parsed.source_bytes) / max(len(blob), 1),
+        bits_per_pixel=len(blob) * 8 / pixels if pixels else 0.0, mse=0.0, psnr=None, psnr_range=None,
+        max_abs_error=0.0,
+    )
+
+
+def _passthrough_encoding(parsed: ParsedInstance, encoded: Sequence[bytes], side_info: dict[str, Any],
+                          transfer_syntax_uid: str, codec_id: str = "passthrough", why: str | None = None
+                          ) -> dict[str, Any]:
+    layout = parsed.layout
+    assert layout is not None
+    after = sum(len(f) for f in encoded)
+    before = layout.frame_bytes * layout.number_of_frames
+    config: dict[str, Any] = {"id": codec_id, "transfer_syntax": transfer_syntax_uid}
+    if why is not None:
+        config["reason"] = why
+    return dict(
+        kind=EncodingKind.PASSTHROUGH, codec_id=codec_id, codec_config=config,
+        actual_codecs={codec_id: len(encoded)}, library_versions={}, side_info=side_info,
+        num_frames=len(encoded), bytes_before=before, bytes_after=after, ratio=before / max(after, 1),
+        bits_per_pixel=after * 8 / max(layout.total_pixels, 1), mse=0.0, psnr=None, psnr_range=None,
+        max_abs_error=0.0,
+    )
+
+
+def _keep_original_fragments(read: _Read, encoded: Sequence[bytes], side_info: dict[str, Any], codec_id: str
+                             ) -> tuple[dict[str, Any], list[bytes], str] | None:
+    """The original lossless codestreams, when they are smaller than what our codec made of them.
+
+    Each is wrapped in a frame container that decodes to the values read at
+    ingest (checked here, and by CRC on every later decode), so retrieval
+    serves them bit-exactly in any transfer syntax. None when re-encoding wins.
+    """
+    parsed, layout = read.parsed, read.parsed.layout
+    assert layout is not None and read.frames is not None and read.fragments is not None
+    if len(read.fragments) != len(read.frames):
+        return None
+    fragment_layout = FragmentLayout(parsed.transfer_syntax_uid, layout.bits_allocated, layout.bits_stored,
+                                     layout.pixel_representation, layout.planar_configuration or 0,
+                                     layout.photometric_interpretation)
+    ours = sum(len(data) for data in encoded)
+    if sum(len(f) for f in read.fragments) >= ours:
+        return None
+    wrapped = [wrap_fragment(fragment, frame, fragment_layout) for fragment, frame in zip(read.fragments, read.frames)]
+    if sum(len(w) for w in wrapped) >= ours:
+        return None
+    try:
+        if not all(np.array_equal(decode_frame(w), frame) for w, frame in zip(wrapped, read.frames)):
+            return None
+    except ArchiveError:  # our decoder of the original cannot give the values back: re-encoding it is
+        return None
+    original = sum(len(f) for f in read.fragments)
+    why = (f"lossless compressed input: original fragments kept ({original} bytes; {codec_id} gave {ours})")
+    encoding = _passthrough_encoding(parsed, wrapped, side_info, parsed.transfer_syntax_uid, "dicom-fragment", why)
+    encoding["library_versions"] = {"pydicom": _pydicom_version()}
+    return encoding, wrapped, why
+
+
+def _pydicom_version() -> str:
+    import pydicom
+
+    return str(pydicom.__version__)
 
 
 def header_key_of(parsed: ParsedInstance) -> str:

@@ -1,18 +1,84 @@
-"""Study totals are derived from the catalog, never counted by hand."""
+"""Study totals are derived from the catalog, never counted by hand, in the transaction that changes what they count.
+
+:func:`write_counted` is the writers' transaction: the rows, then the totals
+of the studies they touched, one commit. A process killed at any moment
+leaves totals that match the rows (no reconcile needed), and concurrent
+writers (``ingest`` processes, workers) resolve their races by running the
+batch again.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import case, func, select, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from archive.catalog.models import Blob, Encoding, Instance, InstanceStatus, Series, Study
 from archive.clock import utcnow
 from archive.kinds import StorageMode
 
+if TYPE_CHECKING:
+    from archive.services.runtime import Archive
+    from archive.services.unit_of_work import UnitOfWork
+
+_log = logging.getLogger(__name__)
 _PAGE = 500
+WRITE_ATTEMPTS = 8  # a batch that keeps losing races to other writers gives up after this many tries
+_T = TypeVar("_T")
+_RACE_SQLSTATES = {"40001", "40P01"}  # PostgreSQL: serialization failure, deadlock detected
+
+
+def write_counted(archive: Archive, work: Callable[[UnitOfWork], tuple[_T, Iterable[int]]]) -> _T:
+    """Run ``work`` in one write transaction, refresh the totals of the study ids it returns there, commit.
+
+    On SQLite the transaction takes the write lock before ``work`` reads
+    anything (``BEGIN IMMEDIATE``): what it looks up (which SOP instances are
+    archived) cannot change before it commits, and no two writers deadlock on
+    a lock upgrade. A race another writer won (the same SOP Instance UID
+    inserted first, a study or series created at the same time, a deadlock,
+    a lock wait that timed out) rolls back and runs ``work`` again, which then
+    sees the winner's rows: a duplicate, or a conflict if the objects differ.
+    """
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            with archive.unit_of_work() as uow:
+                begin_write(uow.session)
+                result, study_ids = work(uow)
+                refresh_totals(uow.session, study_ids)
+                uow.commit()
+                return result
+        except (sa_exc.IntegrityError, sa_exc.OperationalError) as exc:
+            if attempt == WRITE_ATTEMPTS or not lost_race(exc):
+                raise
+            _log.debug("another writer won a race (%s); running the transaction again (attempt %d)",
+                       type(getattr(exc, "orig", exc)).__name__, attempt + 1)
+        time.sleep(random.uniform(0.01, 0.05) * attempt)  # let the winner finish; spread the retries
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def begin_write(session: Session) -> None:
+    """Start the session's transaction as a writer: on SQLite take the write lock now (``BEGIN IMMEDIATE``)."""
+    connection = session.connection()
+    if connection.dialect.name == "sqlite" and not connection.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def lost_race(exc: BaseException) -> bool:
+    """A failure another writer caused, gone when the transaction runs again."""
+    if isinstance(exc, sa_exc.IntegrityError):
+        return True  # a unique row (SOP instance, study, series, dictionary) committed by another writer first
+    orig = getattr(exc, "orig", None)
+    if getattr(orig, "sqlstate", None) in _RACE_SQLSTATES:
+        return True
+    text = str(orig or exc).lower()
+    return "database is locked" in text or "deadlock detected" in text
 
 
 def refresh_study_totals(session: Session, study_id: int) -> None:
@@ -21,8 +87,17 @@ def refresh_study_totals(session: Session, study_id: int) -> None:
 
 
 def refresh_totals(session: Session, study_ids: Iterable[int]) -> None:
-    """Recompute studies' and their series' counts and sizes: three aggregate queries per page of studies."""
+    """Recompute studies' and their series' counts and sizes: three aggregate queries per page of studies.
+
+    On PostgreSQL the study rows are locked first (in id order), so two
+    writers refreshing one study count each other's committed rows instead of
+    overwriting them with a total taken before the other committed.
+    """
     ids = sorted(set(study_ids))
+    if ids and session.get_bind().dialect.name == "postgresql":
+        for start in range(0, len(ids), _PAGE):
+            session.execute(select(Study.id).where(Study.id.in_(ids[start:start + _PAGE]))
+                            .order_by(Study.id).with_for_update()).all()
     for start in range(0, len(ids), _PAGE):
         _refresh_page(session, ids[start:start + _PAGE])
 

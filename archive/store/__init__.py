@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from archive.store.blobstore import BlobRef, BlobStore, FileBlobStore, fsync_dir, sha256_hex
+from archive.store.blobstore import BlobRef, BlobStore, FileBlobStore, fsync_dir, read_only_error, sha256_hex
 from archive.store.packs import PackStore
 
 
@@ -15,13 +15,17 @@ class ArchiveStore:
     and the garbage collector keeps collecting them, nothing converts them.
     """
 
-    def __init__(self, root: Path, *, fsync: bool = True, max_pack_bytes: int | None = None) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, max_pack_bytes: int | None = None,
+                 read_only: bool = False) -> None:
         self.root = Path(root)
-        self.loose = FileBlobStore(self.root, fsync=fsync)
+        self.read_only = read_only  # a mounted backup: reads work, nothing is created or written
+        self.loose = FileBlobStore(self.root, fsync=fsync, read_only=read_only)
         packs_kwargs = {"max_pack_bytes": max_pack_bytes} if max_pack_bytes else {}
-        self.packs = PackStore(self.root / "packs", fsync=fsync, **packs_kwargs)
+        self.packs = PackStore(self.root / "packs", fsync=fsync, read_only=read_only, **packs_kwargs)
 
     def put(self, data: bytes) -> BlobRef:
+        if self.read_only:
+            raise read_only_error()
         return self.packs.put(data)
 
     def sync(self) -> None:

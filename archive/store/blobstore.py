@@ -25,7 +25,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Protocol
 
-from archive.errors import BlobCorruptError, BlobNotFoundError
+from archive.errors import ArchiveError, BlobCorruptError, BlobNotFoundError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -67,9 +67,10 @@ class BlobStore(Protocol):
 class FileBlobStore:
     """Blobs as files under ``root/ab/cd/abcd…`` (two fan-out levels): the layout before packs."""
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, read_only: bool = False) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        self.read_only = read_only
 
     def path_for(self, digest: str) -> Path:
         if not _HEX64.fullmatch(digest):
@@ -83,6 +84,8 @@ class FileBlobStore:
         """Every put is durable when it returns (file and folder fsynced)."""
 
     def put_digest(self, data: bytes) -> str:
+        if self.read_only:
+            raise read_only_error()
         digest = sha256_hex(data)
         target = self.path_for(digest)
         try:
@@ -123,6 +126,8 @@ class FileBlobStore:
         return self.path_for(ref if isinstance(ref, str) else ref.digest).exists()
 
     def delete(self, digest: str) -> None:
+        if self.read_only:
+            raise read_only_error()
         self.path_for(digest).unlink(missing_ok=True)
 
     def digests(self) -> Iterator[str]:
@@ -147,6 +152,8 @@ class FileBlobStore:
         mtime before the rename (the file is put back) or finds no file and
         writes a new one: content about to be referenced is never lost.
         """
+        if self.read_only:
+            raise read_only_error()
         path = self.path_for(digest)
         aside = path.with_name(f".gc-{digest}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:
@@ -159,6 +166,10 @@ class FileBlobStore:
             return None
         aside.unlink()
         return info.st_size
+
+
+def read_only_error() -> ArchiveError:
+    return ArchiveError("the archive is open read-only: nothing can be stored in it or removed from it")
 
 
 def fsync_dir(path: Path) -> None:

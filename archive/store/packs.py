@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from archive.errors import BlobCorruptError, BlobNotFoundError
-from archive.store.blobstore import BlobRef, fsync_dir
+from archive.store.blobstore import BlobRef, fsync_dir, read_only_error
 
 PACK_MAGIC = b"MAPACK01"  # first 8 bytes of every pack
 RECORD_MAGIC = b"MABR"  # then records: magic, sha256 (32 raw bytes), length (8, little endian), data
@@ -58,9 +58,11 @@ class PackRecord:
 class PackStore:
     """Append-only pack files under ``root``; one open pack per writing process."""
 
-    def __init__(self, root: Path, *, fsync: bool = True, max_pack_bytes: int = DEFAULT_MAX_PACK_BYTES) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, max_pack_bytes: int = DEFAULT_MAX_PACK_BYTES,
+                 read_only: bool = False) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        self.read_only = read_only  # reads only: no pack is created, appended to, retired or purged
         self.max_pack_bytes = max_pack_bytes
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -76,6 +78,8 @@ class PackStore:
 
     def put(self, data: bytes) -> BlobRef:
         """Append ``data``; durable once :meth:`sync` returns."""
+        if self.read_only:
+            raise read_only_error()
         digest = hashlib.sha256(data).digest()
         with self._lock:
             fd = self._writer(len(data))
@@ -273,6 +277,8 @@ class PackStore:
 
     def retire(self, name: str, now: float | None = None) -> None:
         """Set a compacted pack aside; :meth:`purge_retired` deletes it once no reader can still use it."""
+        if self.read_only:
+            raise read_only_error()
         at = int(now if now is not None else time.time())
         os.replace(self._path(name), self.root / f"{name}.retired-{at}")
         if self.fsync:
@@ -280,6 +286,8 @@ class PackStore:
 
     def purge_retired(self, cutoff: float) -> int:
         """Delete retired packs set aside before ``cutoff``; returns the bytes freed."""
+        if self.read_only:
+            raise read_only_error()
         freed = 0
         if not self.root.exists():
             return 0

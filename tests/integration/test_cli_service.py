@@ -30,7 +30,7 @@ def test_recompress_dry_run_then_by_hand_then_verify_and_gc(tmp_path: Path) -> N
     home.mkdir()
     (home / "medarchive.toml").write_text(POLICY)
     assert medarchive(home, "ingest", str(_ct(tmp_path))).returncode == 0
-    plan = _json(medarchive(home, "recompress", "--policy", "ct-to-jpegxl", "--dry-run"))
+    plan = _json(medarchive(home, "recompress", "--policy", "ct-to-jpegxl", "--dry-run", "--json"))
     assert plan["instances"] == 3 and plan["by_codec"] == {"jpegls": 3}
     assert _json(medarchive(home, "jobs", "--json"))["jobs"][0]["kind"] == "ingest"  # a dry run queues nothing
 
@@ -40,14 +40,14 @@ def test_recompress_dry_run_then_by_hand_then_verify_and_gc(tmp_path: Path) -> N
     listed = _json(medarchive(home, "jobs", "--json"))["jobs"]
     assert listed[0]["kind"] == "recompress" and listed[0]["status"] == "done"
     assert listed[0]["outcomes"] == {"recompressed": 3}
-    again = _json(medarchive(home, "recompress", "--policy", "ct-to-jpegxl", "--dry-run"))
+    again = _json(medarchive(home, "recompress", "--policy", "ct-to-jpegxl", "--dry-run", "--json"))
     assert again["instances"] == 0
 
     verified = _json(medarchive(home, "verify", "--json"))
     assert verified["problems"] == [] and verified["blobs_checked"] >= 6
-    kept = _json(medarchive(home, "gc", "--dry-run"))  # default grace: a day
+    kept = _json(medarchive(home, "gc", "--dry-run", "--json"))  # default grace: a day
     assert kept["blob_rows"] == 0
-    freed = _json(medarchive(home, "gc", "--grace", "0"))
+    freed = _json(medarchive(home, "gc", "--grace", "0", "--json"))
     assert freed["blob_rows"] == 3  # the three JPEG-LS frames the JPEG-XL generation replaced
 
     with sqlite3.connect(home / "catalog.sqlite") as catalog:  # a frame still referenced, where the catalog says

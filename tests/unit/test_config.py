@@ -27,12 +27,19 @@ def test_defaults_sqlite_under_home(tmp_path: Path) -> None:
     assert settings.quarantine_dir == settings.home / "quarantine"
 
 
-def test_default_home_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
+def test_default_home_is_the_per_user_data_folder_wherever_it_runs(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not the current folder: `medarchive studies` run elsewhere must find the same archive."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))  # platformdirs' per-user data folder on Linux
+    homes = set()
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        monkeypatch.chdir(tmp_path / where)
+        homes.add(Settings.load(environ={}).home)
+    assert homes == {tmp_path / "xdg" / "medarchive"}
     settings = Settings.load(environ={})
-    assert settings.home.is_absolute()
-    assert settings.home == tmp_path / "medarchive-data"
-    assert settings.database_url.endswith(str(tmp_path / "medarchive-data" / "catalog.sqlite"))
+    assert settings.database_url == f"sqlite:///{tmp_path / 'xdg' / 'medarchive' / 'catalog.sqlite'}"
+    assert Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path / "mine")}).home == tmp_path / "mine"
 
 
 def test_relative_home_from_env_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,7 +174,8 @@ def test_embedded_broker_is_the_default(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("body, message", [
     ('[policies.p]\nmodalities = ["CT"]\n', "needs a codec"),
-    ('[policies.p]\ncodec = "zstd"\nspeed = 3\n', "unknown keys"),
+    ('[policies.p]\ncodec = "zstd"\nspeed = 3\n', "unknown key 'speed'"),
+    ('[policies.p]\ncodec = "zstd"\nbatchsize = 3\n', "did you mean batch_size"),
     ('[policies.p]\ncodec = "zstd"\nwindow = "late"\n', "window"),
     ('chunk_size = "many"\n', "chunk_size"),
 ])
@@ -222,3 +230,66 @@ def test_codec_env_as_a_bare_id_goes_through_the_same_parser(tmp_path: Path) -> 
     assert settings.codec == {"id": "jpegxl"}
     with pytest.raises(ConfigError, match="MEDARCHIVE_CODEC.*JSON object"):
         Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path), "MEDARCHIVE_CODEC": "[1, 2]"})
+
+
+@pytest.mark.parametrize(("body", "key", "hint"), [
+    ("stabel_age = 5\n", "stabel_age", "did you mean stable_age?"),
+    ('brokerurl = "redis://x"\n', "brokerurl", "did you mean broker_url?"),
+    ("zzz = 1\n", "zzz", "known keys: "),
+    ('[codecs]\nid = "zstd"\n', "codecs", "did you mean codec?"),
+])
+def test_unknown_toml_key_is_an_error_naming_key_file_and_the_closest_known(
+        tmp_path: Path, body: str, key: str, hint: str) -> None:
+    config = _toml(tmp_path / "medarchive.toml", body)
+    with pytest.raises(ConfigError) as raised:
+        Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path)})
+    message = str(raised.value)
+    assert f"'{key}'" in message and str(config) in message and hint in message
+
+
+def test_every_documented_toml_key_is_accepted(tmp_path: Path) -> None:
+    """The [codec] table is free-form codec configuration; database_password_file is a key too."""
+    secret = _toml(tmp_path / "pw", "pw\n")
+    _toml(tmp_path / "medarchive.toml", f'database_url = "postgresql+psycopg://a@db/m"\n'
+          f'database_password_file = "{secret}"\nstable_age = 5\nqueue = "q"\ngc_grace = 1\n'
+          '[codec]\nid = "jpegxl"\nanything_the_codec_takes = 3\n'
+          '[policies.p]\ncodec = "zstd"\n')
+    settings = Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path)})
+    assert settings.stable_age == 5 and settings.codec["anything_the_codec_takes"] == 3
+
+
+def test_home_cannot_be_set_in_its_own_file(tmp_path: Path) -> None:
+    _toml(tmp_path / "medarchive.toml", 'home = "/elsewhere"\n')
+    with pytest.raises(ConfigError, match="MEDARCHIVE_HOME"):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(tmp_path)})
+
+
+def test_unknown_environment_variables_are_named_with_a_suggestion() -> None:
+    from archive.config import unknown_environment
+
+    env = {"MEDARCHIVE_STABEL_AGE": "5", "MEDARCHIVE_HOME": "/x", "MEDARCHIVE_DEBUG": "1", "PATH": "/bin",
+           "MEDARCHIVE_FAULT_KILL": "", "MEDARCHIVE_TEST_POSTGRES_URL": "", "MEDARCHIVE_CHUNK_SIZE": "3",
+           "MEDARCHIVE_NONSENSE_XYZZY": "1", "MEDARCHIVE_DATABASE_PASSWORD_FILE": "/run/secrets/pw"}
+    warnings = unknown_environment(env)
+    assert len(warnings) == 2
+    assert "MEDARCHIVE_NONSENSE_XYZZY" in warnings[0] and "did you mean" not in warnings[0]
+    assert "MEDARCHIVE_STABEL_AGE" in warnings[1] and "did you mean MEDARCHIVE_STABLE_AGE?" in warnings[1]
+    env.pop("MEDARCHIVE_DATABASE_PASSWORD_FILE")
+    assert Settings.load(environ=env).stable_age == 60.0  # ignored, and loading stays silent about it
+
+
+def test_every_medarchive_variable_the_repository_reads_is_known() -> None:
+    """A variable a test, benchmark or compose file sets must not draw the unknown-variable warning."""
+    import re
+
+    from archive.config import known_environment
+    from tests.conftest import REPO
+
+    used: set[str] = set()
+    for pattern in ("archive/**/*.py", "workers/*.py", "tests/**/*.py", "benchmarks/**/*.py", "docker-compose.yml",
+                    "Dockerfile", ".ci/run"):
+        for path in REPO.glob(pattern):
+            used |= set(re.findall(r"MEDARCHIVE_[A-Z0-9_]*[A-Z0-9]", path.read_text(errors="replace")))
+    # names that are prefixes, examples in prose or the implementation version string, not variables
+    used -= {"MEDARCHIVE_01", "MEDARCHIVE_FAULT", "MEDARCHIVE_NAME", "MEDARCHIVE_STABEL_AGE", "MEDARCHIVE_NONSENSE_XYZZY"}
+    assert used - known_environment() == set()

@@ -19,13 +19,13 @@ import pytest
 from pydicom.data import get_testdata_file
 from sqlalchemy import select, update
 
-from archive.catalog.models import Blob, EncodedFrame, Encoding, HeaderDictionary, Instance
+from archive.catalog.models import Blob, EncodedFrame, Encoding, HeaderDictionary, HeaderRevision, Instance
 from archive.codecs import get_codec
 from archive.config import RecompressPolicy
 from archive.errors import BlobNotFoundError, NotFoundError
 from archive.services.blobs import blob_refs, read_blob, record_blobs
 from archive.services.ingest import Outcome, ingest_paths
-from archive.services.integrity import collect_garbage, verify_blobs
+from archive.services.integrity import backup_lock, collect_garbage, verify_blobs
 from archive.services.recompress import recompress_instance
 from archive.services.recording import commit_staged
 from archive.services.retrieve import read_frame, retrieve_study
@@ -477,3 +477,55 @@ def test_a_missing_loose_blob_is_reported_and_its_row_collected(archive: Archive
     report = collect_garbage(archive, grace_seconds=HOUR)
     assert (report.blob_rows, report.missing_files, report.blob_files, report.deleted) == (1, 1, 0, [])
     assert lost not in _blob_rows(archive) and ct_frame in _blob_rows(archive)  # a referenced row stays, lost or not
+
+
+# ====================================================================== header revisions and the backup lock
+
+
+def _keep_revision(archive: Archive, instance_id: int, header: bytes) -> str:
+    """What a correction does: the previous header kept as a revision (its blob recorded, the instance moved on)."""
+    ref = archive.store.put(header)
+    archive.store.sync()
+    with archive.unit_of_work() as uow:
+        record_blobs(uow.session, [ref])
+        uow.session.add(HeaderRevision(instance_id=instance_id, revision=1, header_blob=ref.digest,
+                                       header_sha256="0" * 64, changes={"PatientID": ["old", "new"]}))
+        uow.commit()
+    return ref.digest
+
+
+def test_a_kept_header_revision_is_verified_and_never_collected(archive: Archive, tmp_path: Path) -> None:
+    sources = _ingest(archive, tmp_path / "in", "CT_small.dcm")
+    instance_id, study, _, header = _instance(archive, sources["CT_small.dcm"])
+    with archive.unit_of_work() as uow:
+        kept = _keep_revision(archive, instance_id, read_blob(uow.session, archive.store, header) + b"previous")
+    _seal(archive)
+    later = datetime.now(timezone.utc) + timedelta(hours=2)
+    report = collect_garbage(archive, grace_seconds=0, now=later)
+    assert report.blob_rows == 0 and kept in _blob_rows(archive)
+    clean = verify_blobs(archive)
+    assert clean.ok and clean.blobs_checked == len(_referenced(archive)) + 1
+    ref = _refs(archive, [kept])[kept]
+    assert ref.pack is not None and ref.offset is not None
+    _flip_byte(_packs_dir(archive) / ref.pack, ref.offset + 1)
+    bad = verify_blobs(archive)
+    assert [(p.study_uid, p.digest, p.problem) for p in bad.problems] == [(study, kept, "corrupt")]
+    assert [p.digest for p in verify_blobs(archive, study_uid=study).problems] == [kept]
+
+
+def test_gc_leaves_files_and_packs_alone_while_a_backup_holds_the_lock(archive: Archive, tmp_path: Path) -> None:
+    sources = _ingest(archive, tmp_path / "in", "CT_small.dcm", "MR_small.dcm")
+    _seal(archive)
+    ct, _, _, _ = _instance(archive, sources["CT_small.dcm"])
+    assert recompress_instance(archive, ct, TO_JPEGXL).outcome == "recompressed"
+    _seal(archive)
+    packs_before = _live_packs(archive)
+    later = datetime.now(timezone.utc) + timedelta(hours=2)
+    with backup_lock(archive.settings.home, exclusive=False):  # what `medarchive backup` holds while it copies
+        report = collect_garbage(archive, grace_seconds=HOUR, now=later)
+        assert report.deferred_for_backup and report.blob_rows == 1  # the released frame's row only
+        assert (report.packs_retired, report.pack_bytes_freed) == (0, 0) and _live_packs(archive) == packs_before
+    after = collect_garbage(archive, grace_seconds=HOUR, now=later)  # the backup is done: compaction goes on
+    assert not after.deferred_for_backup and after.packs_retired >= 1
+    assert verify_blobs(archive).ok
+    _assert_retrieves_exactly(archive, sources, tmp_path / "out")

@@ -296,3 +296,55 @@ def test_instance_deadline_interrupts_a_slow_instance() -> None:
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and signal.getsignal(signal.SIGALRM) == before
     with jobs.instance_deadline(0):  # no limit: no alarm at all
         assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_two_jobs_of_the_same_files_committing_at_once_store_each_instance_once(
+    archive: Archive, study_files: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers' batches of the same SOP instances reach the catalog together: the loser runs its batch
+    again (PostgreSQL: a unique violation; SQLite: it waits for the write lock) and records duplicates."""
+    import threading
+
+    from sqlalchemy import func
+
+    from archive.catalog.models import Series
+    from archive.services import totals
+
+    recorder = Recorder()
+    [first], _ = jobs.submit_paths(archive, [study_files], recorder)
+    [second], _ = jobs.submit_paths(archive, [study_files], recorder)
+    with archive.unit_of_work() as uow:
+        tasks = [jobs.job_task_ids(uow.session, job_id) for job_id in (first, second)]
+    assert len(tasks[0]) == len(tasks[1]) == 1  # both series in one task each
+
+    both_staged = threading.Barrier(2, timeout=60)
+
+    def together(*args: object, **kwargs: object) -> object:
+        both_staged.wait()  # both chunks staged (each saw nothing archived) before either commits
+        return totals.write_counted(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(executors, "write_counted", together)
+    errors: list[BaseException] = []
+
+    def run(task_id: int) -> None:
+        try:
+            jobs.run_task(archive, task_id)
+        except BaseException as exc:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t[0],)) for t in tasks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    items = _items(archive, first) + _items(archive, second)
+    assert {i.status for i in items} == {ItemStatus.DONE}
+    outcomes = sorted(str(i.outcome.value if i.outcome else None) for i in items)
+    assert outcomes == ["duplicate"] * 20 + ["stored"] * 20
+    with archive.unit_of_work() as uow:
+        assert uow.session.scalar(select(func.count()).select_from(Instance)) == 20
+        study = uow.session.scalars(select(Study)).one()
+        assert (study.num_series, study.num_instances) == (2, 20)
+        assert {s.num_instances for s in uow.session.scalars(select(Series))} == {10}
+        assert {uow.session.get_one(Job, j).status for j in (first, second)} == {JobStatus.DONE}

@@ -9,6 +9,7 @@ from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
 from archive.catalog.models import Instance, InstanceStatus
+from archive.dicom.reader import LOSSLESS, LOSSY_CODESTREAM, ONCE_LOSSY
 from archive.services.ingest import Outcome, ingest_paths
 from archive.services.recording import Identity, Known, decide_arrival
 from archive.services.runtime import Archive
@@ -108,3 +109,45 @@ def test_one_batch_through_the_staging_pool(archive: Archive, tmp_path: Path) ->
         assert first.created_at == conflict.created_at, "committed together"
         assert first.job_id == conflict.job_id == report.job_id
         assert first.pixel_sha256 != conflict.pixel_sha256
+
+
+LOSSY = Identity(UID, "header-lossy", "codestream", fidelity=LOSSY_CODESTREAM)
+LOSSLESS_COPY = Identity(UID, "header-lossless", "values", fidelity=LOSSLESS)
+
+
+def test_lossless_arrival_displaces_a_lossy_instance() -> None:
+    known = [Known(LOSSY, 0, 10, fidelity=LOSSY_CODESTREAM), Known(Identity(UID, "h", "p"), 2, 11)]
+    arrival = decide_arrival(LOSSLESS_COPY, known)
+    assert arrival.outcome is Outcome.STORED and arrival.conflict_seq == 0
+    assert arrival.displaces is known[0] and arrival.displaced_seq == 3
+    assert arrival.first is None and arrival.same is None
+
+
+def test_lossy_arrival_is_a_conflict_of_a_lossless_instance() -> None:
+    known = [Known(LOSSLESS_COPY, 0, 10)]
+    arrival = decide_arrival(LOSSY, known)
+    assert arrival.outcome is Outcome.CONFLICT and arrival.conflict_seq == 1
+    assert arrival.first is known[0] and arrival.displaces is None
+
+
+def test_once_lossy_pixels_rank_between_a_codestream_and_lossless() -> None:
+    once = Identity(UID, "header-once", "values", fidelity=ONCE_LOSSY)
+    assert decide_arrival(once, [Known(LOSSY, 0, 10, fidelity=LOSSY_CODESTREAM)]).displaces is not None
+    assert decide_arrival(once, [Known(LOSSLESS_COPY, 0, 10)]).outcome is Outcome.CONFLICT
+    assert decide_arrival(LOSSLESS_COPY, [Known(once, 0, 10, fidelity=ONCE_LOSSY)]).displaces is not None
+    # an archived instance whose header was not read yet is taken as lossless: no displacement
+    assert decide_arrival(LOSSLESS_COPY, [Known(once, 0, 10, fidelity=None)]).outcome is Outcome.CONFLICT
+
+
+def test_equal_fidelity_keeps_the_first_arrival() -> None:
+    other = Identity(UID, "header-other", "values-2", fidelity=LOSSLESS)
+    assert decide_arrival(other, [Known(LOSSLESS_COPY, 0, 10)]).outcome is Outcome.CONFLICT
+
+
+def test_header_before_a_correction_is_the_instance_header() -> None:
+    corrected = Identity(UID, "header-corrected", "pixels-a")
+    known = [Known(corrected, 0, 10, previous=(("header-as-received", "blob", None),))]
+    assert decide_arrival(Identity(UID, "header-as-received", "pixels-a"), known).outcome is Outcome.DUPLICATE
+    assert decide_arrival(Identity(UID, "header-as-received", "pixels-b"), known).outcome is Outcome.CONFLICT
+    same = frozenset({("header-as-received", "header-re-encoded")})
+    assert decide_arrival(Identity(UID, "header-re-encoded", "pixels-a"), known, same).outcome is Outcome.DUPLICATE

@@ -10,9 +10,14 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from sqlalchemy import select
+
+from archive.catalog.models import Blob, Instance
+from archive.errors import BlobCorruptError, NotFoundError
 from archive.services.ingest import Outcome, ingest_paths
-from archive.services.retrieve import read_frame, retrieve_study
+from archive.services.retrieve import current_encoding, read_frame, retrieve, retrieve_study
 from archive.services.runtime import Archive
+from tests.conftest import shared_data
 from tests.dicom_compare import header_differences, read, stored_values
 
 
@@ -85,3 +90,63 @@ def test_read_frame_alone(sqlite_archive: Archive, tmp_path: Path) -> None:
     assert frames.ndim == 4 and frames.shape[0] == 2  # frames × rows × columns × samples
     for index in (0, frames.shape[0] - 1):
         assert np.array_equal(read_frame(sqlite_archive, str(source.SOPInstanceUID), index), frames[index])
+
+
+def _series_study(archive: Archive, tmp_path: Path) -> tuple[str, list[Path]]:
+    """One real chest CT study of three series (axial, coronal, sagittal; one instance each)."""
+    chest = shared_data() / "ct-chest-tcia" / "A002304"
+    files = sorted(p for p in chest.rglob("19001231-*.dcm"))
+    folder = tmp_path / "chest"
+    folder.mkdir()
+    copies = []
+    for path in files:
+        copies.append(folder / f"{path.parent.name}.dcm")
+        shutil.copyfile(path, copies[-1])
+    report = ingest_paths(archive, copies)
+    assert {o.outcome for o in report.outcomes} == {Outcome.STORED}
+    (study,) = report.studies
+    return study, copies
+
+
+def test_retrieve_one_series_by_its_uid(sqlite_archive: Archive, tmp_path: Path) -> None:
+    study, files = _series_study(sqlite_archive, tmp_path)
+    coronal = read(files[1])
+    result = retrieve(sqlite_archive, str(coronal.SeriesInstanceUID), tmp_path / "out")
+    assert (result.study_uid, result.series_uid) == (study, coronal.SeriesInstanceUID)
+    (item,) = result.files
+    assert item.sop_instance_uid == coronal.SOPInstanceUID
+    assert np.array_equal(stored_values(read(item.path)), stored_values(coronal))
+    assert len(retrieve(sqlite_archive, study, tmp_path / "all").files) == 3
+    with pytest.raises(NotFoundError, match="no study or series"):
+        retrieve(sqlite_archive, "1.2.3.4", tmp_path / "none")
+    with pytest.raises(NotFoundError):  # retrieve_study wants a study UID
+        retrieve_study(sqlite_archive, str(coronal.SeriesInstanceUID), tmp_path / "none")
+
+
+def _corrupt_first_frame(archive: Archive, sop_instance_uid: str) -> None:
+    """Flip one byte of the instance's first frame blob where the catalog says it lies."""
+    with archive.unit_of_work() as uow:
+        instance = uow.session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)).one()
+        digest = current_encoding(instance).frames[0].blob_sha256
+        blob = uow.session.get_one(Blob, digest)
+        pack, offset, size = blob.pack, blob.offset, blob.size
+    assert pack is not None and offset is not None
+    path = archive.store.packs.root / pack
+    data = bytearray(path.read_bytes())
+    data[offset + size // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_instance_stops_retrieval_unless_keep_going(sqlite_archive: Archive, tmp_path: Path) -> None:
+    study, files = _series_study(sqlite_archive, tmp_path)
+    sagittal = read(files[2])
+    _corrupt_first_frame(sqlite_archive, str(sagittal.SOPInstanceUID))
+    with pytest.raises(BlobCorruptError) as stopped:
+        retrieve(sqlite_archive, study, tmp_path / "strict")
+    assert str(sagittal.SOPInstanceUID) in str(stopped.value) and "--keep-going" in str(stopped.value)
+
+    result = retrieve(sqlite_archive, study, tmp_path / "out", keep_going=True)
+    assert [u.sop_instance_uid for u in result.unreadable] == [sagittal.SOPInstanceUID]
+    assert result.unreadable[0].problem == "corrupt" and result.unreadable[0].series_uid == sagittal.SeriesInstanceUID
+    assert {f.sop_instance_uid for f in result.files} == {read(f).SOPInstanceUID for f in files[:2]}
+    assert all(f.path.is_file() for f in result.files)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from archive.errors import BlobCorruptError, BlobNotFoundError
+from archive.errors import ArchiveError, BlobCorruptError, BlobNotFoundError
 from archive.store import ArchiveStore, BlobRef, BlobStore
 from archive.store import packs as packs_module
 from archive.store.blobstore import FileBlobStore, sha256_hex
@@ -594,3 +594,33 @@ def test_archive_store_puts_into_packs_and_reads_loose_refs(tmp_path: Path) -> N
     with pytest.raises(BlobNotFoundError):
         store.get(old)
     store.close()
+
+
+def test_a_read_only_store_reads_packs_and_loose_blobs_and_creates_nothing(tmp_path: Path) -> None:
+    """A mounted backup: every blob reads (and is re-hashed); nothing is created, written or removed."""
+    root = tmp_path / "blobs"
+    writer = ArchiveStore(root)
+    packed = [writer.put(data) for data in PAYLOADS]
+    writer.close()
+    loose = BlobRef(FileBlobStore(root).put_digest(b"from before packs"), len(b"from before packs"))
+
+    def listing() -> dict[str, tuple[int, float]]:
+        return {str(p): (p.stat().st_size, p.stat().st_mtime) for p in sorted(root.rglob("*"))}
+
+    before = listing()
+    reader = ArchiveStore(root, read_only=True)
+    assert [reader.get(ref) for ref in packed] == PAYLOADS
+    assert reader.get(loose) == b"from before packs" and reader.exists(loose)
+    for attempt in (lambda: reader.put(b"new"), lambda: reader.packs.put(b"new"),
+                    lambda: reader.loose.put(b"new"), lambda: reader.loose.delete(loose.digest),
+                    lambda: reader.loose.delete_if_older(loose.digest, time.time() + 60),
+                    lambda: reader.packs.purge_retired(time.time() + 60),
+                    lambda: reader.packs.retire(str(packed[0].pack))):
+        with pytest.raises(ArchiveError, match="read-only"):
+            attempt()
+    reader.sync()
+    reader.close()
+    assert listing() == before
+    assert not (tmp_path / "elsewhere").exists()
+    ArchiveStore(tmp_path / "elsewhere", read_only=True).close()  # opening a missing store creates nothing
+    assert not (tmp_path / "elsewhere").exists()
