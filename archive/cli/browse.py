@@ -7,69 +7,15 @@ Tables fit 80 columns: UIDs and paths are shortened in the middle (``1.2.840.1�
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich import box
-from rich.markup import escape
-from rich.table import Table
 
 from archive.cli._app import app, console, err_console, human, open_archive, quarantine_app
+from archive.cli._format import JSON_HELP, UID_WIDTH, cell, short_path, short_time, short_uid, table
 from archive.services import query
 from archive.services.retrieve import TRANSFER_SYNTAX_CHOICES, RetrieveReport, retrieve
-
-JSON_HELP = "Print the result as JSON (every value in full) instead of a table."
-UID_WIDTH = 16
-
-
-# --- formatting shared by the commands' tables
-
-
-def short_uid(uid: str | None, width: int = UID_WIDTH) -> str:
-    """A UID shortened in the middle for a table (``1.2.840.1…45.6``); ``--json`` has it whole."""
-    if not uid:
-        return ""
-    if len(uid) <= width:
-        return uid
-    head = (width - 1) // 2
-    return uid[:head] + "…" + uid[-(width - 1 - head):]
-
-
-def short_path(path: str | None, width: int = 30) -> str:
-    """A path keeping its end (the file name and its folder), which is what tells files apart."""
-    if not path:
-        return ""
-    return path if len(path) <= width else "…" + path[-(width - 1):]
-
-
-def short_time(value: datetime | str | None) -> str:
-    if value is None:
-        return ""
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return moment.astimezone().strftime("%m-%d %H:%M")
-
-
-Column = str | tuple[str, Optional[int]] | tuple[str, Optional[int], str]
-
-
-def table(title: str, *columns: Column) -> Table:
-    """A compact table the width of the console: ``(name, width[, justify])`` columns keep their width, the others
-    (a bare name, or width None) share what is left and cut their text with an ellipsis."""
-    result = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True, expand=True,
-                   title_justify="left")
-    for column in columns:
-        name, width, justify = (column, None, "left") if isinstance(column, str) else (*column, "left")[:3]
-        result.add_column(name, width=width, ratio=None if width else 1, justify=justify,
-                          no_wrap=True, overflow="ellipsis")
-    return result
-
-
-def cell(text: Any) -> str:
-    """Catalog text as a table cell: escaped, so ``[...]`` in a patient name is not taken as markup."""
-    return escape(str(text)) if text is not None else ""
-
 
 # --- jobs
 

@@ -9,17 +9,10 @@ import typer
 from rich.table import Table
 
 from archive.cli._app import app, console, open_archive
+from archive.cli._format import short_uid
 from archive.services import corrections
 
 _JSON_HELP = "Print the result as JSON (full UIDs) instead of a table."
-
-
-def _short(uid: str | None, width: int = 16) -> str:
-    """A UID cut to fit a table column: its start and its end, which tell UIDs apart."""
-    if not uid or len(uid) <= width:
-        return uid or ""
-    keep = width - 1
-    return f"{uid[:keep - keep // 2]}…{uid[-(keep // 2):]}"
 
 
 def _clip(text: str | None, width: int = 24) -> str:
@@ -30,8 +23,8 @@ def _clip(text: str | None, width: int = 24) -> str:
 def _print_report(report: corrections.CorrectionReport) -> None:
     data = report.as_dict()
     verb = "would change" if report.dry_run else "changed"
-    what = f"series {_short(report.series_uid, 24)}" if report.series_uid else (
-        f"study {_short(report.studies[0], 24)}" if len(report.studies) == 1 else f"{len(report.studies)} studies")
+    what = f"series {short_uid(report.series_uid, 24)}" if report.series_uid else (
+        f"study {short_uid(report.studies[0], 24)}" if len(report.studies) == 1 else f"{len(report.studies)} studies")
     suffix = " (dry run: nothing written)" if report.dry_run else (
         f" (audit {report.audit_id})" if report.audit_id is not None else "")
     console.print(f"{verb.capitalize()} {report.instances} instance(s) of {what}{suffix}; "
@@ -105,7 +98,7 @@ def merge_patient(
     verb = "Would move" if dry_run else "Moved"
     console.print(f"{verb} {len(report.studies)} study(ies) from Patient ID {old_id} to {new_id}.", highlight=False)
     for uid in report.studies:
-        console.print(f"  {_short(uid, 40)}", highlight=False)
+        console.print(f"  {short_uid(uid, 40)}", highlight=False)
     _print_report(report)
 
 
@@ -121,7 +114,7 @@ def history(
     if as_json:
         console.print_json(json.dumps(result))
         return
-    console.print(f"Study {_short(study_uid, 40)}: patient {result['patient_name'] or ''} "
+    console.print(f"Study {short_uid(study_uid, 40)}: patient {result['patient_name'] or ''} "
                   f"({result['patient_id'] or ''}); {len(result['events'])} recorded change(s), "
                   f"{len(result['revisions'])} kept header revision(s).", highlight=False)
     for event in result["events"]:

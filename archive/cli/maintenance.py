@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from archive.cli._app import app, bench_app, console, db_app, err_console, human, open_archive
+from archive.cli._format import short_uid
 from archive.config import Settings
 from archive.errors import NotFoundError
 
@@ -55,21 +56,13 @@ def bench_ingest(
 JSON_HELP = "Print the result as JSON (full UIDs and digests) instead of a summary."
 
 
-def _short(text: str, width: int = 17) -> str:
-    """A UID or digest shortened in the middle for a table (``1.2.840…3456``); ``--json`` has it whole."""
-    if len(text) <= width:
-        return text
-    head = (width - 1) // 2
-    return text[:head] + "…" + text[-(width - 1 - head):]
-
-
 def _problems_table(problems: list[Any], title: str) -> Table:
     table = Table(title=title)
     for column in ("study", "instance", "blob", "problem"):
         table.add_column(column, no_wrap=True)
     for problem in problems:
-        table.add_row(_short(problem.study_uid) or "(no instance)", _short(problem.sop_instance_uid),
-                      _short(problem.digest, 13), problem.problem)
+        table.add_row(short_uid(problem.study_uid) or "(no instance)", short_uid(problem.sop_instance_uid),
+                      short_uid(problem.digest, 13), problem.problem)
     return table
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from archive.cli._app import app, console, err_console, human, open_archive, quarantine_app
-from archive.cli.browse import JSON_HELP, cell, short_path, table
+from archive.cli._format import JSON_HELP, cell, short_path, table
 from archive.errors import ArchiveError
 from archive.services.deletion import (
     DeletionReport,

@@ -170,20 +170,26 @@ def _check(store: BlobStore, ref: BlobRef | None, digest: str) -> str | None:
 # ---------------------------------------------------------------------------------------------- repairing
 
 
-def repair_duplicate(archive: Archive, path: Path, instance_id: int) -> str | None:
-    """For ingest's duplicate path: repair ``instance_id`` from ``path`` when one of its blobs is damaged.
+def repair_duplicates(archive: Archive, session: Session, sources: dict[int, Path]) -> dict[int, str]:
+    """For ingest's duplicate path: repair the instances (id -> source file) that have a damaged blob.
 
-    Returns None when the instance is intact (the usual case: one read and
-    re-hash of its blobs), else a note such as "repaired 2 blob(s)".
+    One check for a whole chunk of duplicates (each blob read and re-hashed
+    once, through the caller's look-up ``session``); only damaged instances
+    are re-staged. Returns a note per repaired instance ("repaired 2 blob(s)").
     """
+    notes: dict[int, str] = {}
+    for instance_id in damaged_blobs(session, archive.store, sources):
+        try:
+            notes[instance_id] = repair_instance(archive, instance_id, Path(sources[instance_id])).note
+        except ArchiveError as exc:
+            notes[instance_id] = f"damaged blob(s) not repaired: {exc}"
+    return notes
+
+
+def repair_duplicate(archive: Archive, path: Path, instance_id: int) -> str | None:
+    """:func:`repair_duplicates` for one instance: None when it is intact."""
     with archive.unit_of_work() as uow:
-        damage = damaged_blobs(uow.session, uow.store, [instance_id]).get(instance_id)
-    if not damage:
-        return None
-    try:
-        return repair_instance(archive, instance_id, Path(path)).note
-    except ArchiveError as exc:
-        return f"damaged blob(s) not repaired: {exc}"
+        return repair_duplicates(archive, uow.session, {instance_id: path}).get(instance_id)
 
 
 def repair_from_paths(archive: Archive, paths: Sequence[Path], *, only: set[str] | None = None) -> RepairReport:

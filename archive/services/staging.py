@@ -331,7 +331,9 @@ def find_duplicates(archive: Archive, session: Session, reads: Sequence[_Read]) 
     compared independently of their encoding (an instance kept as received and
     its copy re-sent in another transfer syntax are the same elements written
     differently). A whole-kept instance whose stored pixel hash differs is
-    read back and its pixel values compared.
+    read back and its pixel values compared. The duplicates' archived blobs
+    are re-hashed (once per chunk) and a damaged one is repaired from the
+    arriving file.
     """
     uids = sorted({read.parsed.sop_instance_uid for read in reads})
     known: dict[str, list[Any]] = {}
@@ -370,7 +372,7 @@ def find_duplicates(archive: Archive, session: Session, reads: Sequence[_Read]) 
                 archived_pixels[row.id] = None
         return archived_pixels.get(row.id) == read.pixel_sha256
 
-    found: dict[int, FileOutcome] = {}
+    duplicates: dict[int, tuple[_Read, int]] = {}
     for read in reads:
         parsed = read.parsed
         rows = [row for row in known.get(parsed.sop_instance_uid, []) if same_pixels(row, read)]
@@ -382,13 +384,18 @@ def find_duplicates(archive: Archive, session: Session, reads: Sequence[_Read]) 
             same = next((row_id for row_id, _, blob, dictionary in variants
                          if canonical_of(blob, dictionary) == mine), None)
         if same is not None:
-            from archive.services.repair import repair_duplicate  # repair stages through this module
+            duplicates[id(read)] = (read, same)
 
-            repaired = repair_duplicate(archive, parsed.source_path, same)  # a damaged blob is written again
-            found[id(read)] = FileOutcome(parsed.source_path, Outcome.DUPLICATE,
-                                          f"same SOP instance as already archived (instance {same})"
-                                          + (f"; {repaired}" if repaired else ""),
-                                          study_uid=parsed.study_uid)
+    from archive.services.repair import repair_duplicates  # repair stages through this module
+
+    # a damaged blob of an archived instance is written again from the duplicate's source
+    repaired = repair_duplicates(archive, session, {same: read.parsed.source_path for read, same in duplicates.values()})
+    found: dict[int, FileOutcome] = {}
+    for key, (read, same) in duplicates.items():
+        note = repaired.get(same)
+        found[key] = FileOutcome(read.parsed.source_path, Outcome.DUPLICATE,
+                                 f"same SOP instance as already archived (instance {same})" + (f"; {note}" if note else ""),
+                                 study_uid=read.parsed.study_uid)
     return found
 
 
