@@ -180,7 +180,7 @@ def _backup_sqlite(settings: Settings, target: Path) -> _Snapshot:
     finally:
         copy.close()
         source.close()
-    _fsync_file(target)
+    fsync_dir(target)  # the copy's bytes
     engine = create_engine(f"sqlite:///{target}")
     try:
         with engine.connect() as connection:
@@ -197,7 +197,7 @@ def _backup_postgres(archive: Archive, target: Path) -> _Snapshot:
             snapshot_id = connection.execute(text("SELECT pg_export_snapshot()")).scalar_one()
             snapshot = _read_snapshot(connection)
             _run_pg("pg_dump", url, ["--format=custom", f"--file={target}", f"--snapshot={snapshot_id}"])
-    _fsync_file(target)
+    fsync_dir(target)  # the copy's bytes
     return snapshot
 
 
@@ -397,14 +397,6 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
     os.replace(partial, path)
     fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256_file(path: Path) -> str:
