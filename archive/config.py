@@ -36,6 +36,7 @@ import platformdirs
 
 from archive.clock import local_time_now
 from archive.errors import ConfigError
+from archive.normalize.profiles import DEFAULT_PROFILES, NormalizeProfile, parse_profiles
 
 
 def default_home() -> Path:
@@ -120,6 +121,11 @@ class Settings:
     gc_interval: float = 86400.0  # beat: remove unreferenced blobs (0 disables)
     gc_grace: float = 86400.0  # an unreferenced blob younger than this is kept
     policies: dict[str, RecompressPolicy] = field(default_factory=dict)
+    # --- normalization (archive/normalize/profiles.py) ---
+    normalize: bool = True  # MEDARCHIVE_NORMALIZE=off, or [normalize] enabled = false
+    normalize_profiles: tuple[NormalizeProfile, ...] = DEFAULT_PROFILES
+    normalize_interval: float = 3600.0  # beat: normalize archived series that lack a current one (0 disables)
+    normalize_batch: int = 50  # most series one scheduled sweep normalizes
 
     @property
     def blob_dir(self) -> Path:
@@ -177,7 +183,7 @@ class Settings:
             raise ConfigError(f"codec configuration needs an 'id': {codec!r}")
         values: dict[str, Any] = {}
         for spec in fields(cls):
-            if spec.name in ("home", "database_url", "codec", "policies"):
+            if spec.name in ("home", "database_url", "codec", "policies", "normalize", "normalize_profiles"):
                 continue
             raw = overrides.get(spec.name)
             if raw is None:
@@ -189,15 +195,32 @@ class Settings:
         policies = overrides.get("policies")
         if policies is None:
             policies = _policies(file_values.get("policies", {}))
+        file_enabled, profiles = parse_profiles(file_values.get("normalize", {}))
+        values["normalize_profiles"] = overrides.get("normalize_profiles") or profiles
+        switch = overrides.get("normalize")
+        if switch is None:
+            switch = _switch("MEDARCHIVE_NORMALIZE", env["MEDARCHIVE_NORMALIZE"]) if env.get("MEDARCHIVE_NORMALIZE") \
+                else file_enabled
+        values["normalize"] = True if switch is None else bool(switch)
         level = values.get("header_zstd_level", 9)
         if not 1 <= level <= 22:  # whole objects record it as a zstd codec config, which takes 1..22
             raise ConfigError(f"header_zstd_level must be between 1 and 22, not {level}")
         return cls(home=home, database_url=str(database_url), codec=codec, policies=policies, **values)
 
 
+def _switch(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"{name} must be on or off, not {raw!r}")
+
+
 def known_environment() -> frozenset[str]:
     """Every ``MEDARCHIVE_*`` variable medarchive or its tests read."""
-    settings = {f"MEDARCHIVE_{spec.name.upper()}" for spec in fields(Settings) if spec.name != "policies"}
+    settings = {f"MEDARCHIVE_{spec.name.upper()}" for spec in fields(Settings)
+                if spec.name not in ("policies", "normalize_profiles")}
     return frozenset(settings | {f"MEDARCHIVE_{name}" for name in _OTHER_ENVIRONMENT})
 
 
@@ -220,7 +243,7 @@ def _suggest(word: str, known: Iterable[str]) -> str:
 
 def _check_file_keys(values: Mapping[str, Any], path: Path) -> None:
     """An unknown top-level key in the TOML file is an error: a typo must not silently keep a default."""
-    known = {spec.name for spec in fields(Settings)} - {"home"} | {"database_password_file"}
+    known = {spec.name for spec in fields(Settings)} - {"home", "normalize_profiles"} | {"database_password_file"}
     if "home" in values:
         raise ConfigError(f"{path}: the home cannot be set in its own configuration file; set MEDARCHIVE_HOME")
     for key in values:

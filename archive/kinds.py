@@ -28,10 +28,36 @@ class EncodingKind(str, enum.Enum):
 
 
 class JobKind(str, enum.Enum):
-    """What a job does; each kind has one handler in :mod:`archive.services.jobs`."""
+    """What a job does; each kind has one handler in :mod:`archive.services.job_kinds`."""
 
     INGEST = "ingest"
     RECOMPRESS = "recompress"
+    NORMALIZE = "normalize"  # items are source series (their first instance)
+
+
+class DerivationKind(str, enum.Enum):
+    """What made a derived series (``derivations.kind``)."""
+
+    NORMALIZED = "normalized"
+
+
+class NormalizeOutcome(str, enum.Enum):
+    """What normalization did with one source series."""
+
+    NORMALIZED = "normalized"
+    UNCHANGED = "unchanged"  # its series for this profile exists already
+    WOULD_NORMALIZE = "would-normalize"  # a dry run
+    NOT_MATCHED = "not-matched"  # no enabled profile applies (or one that keeps it as acquired)
+    SKIPPED = "skipped"  # a profile applies but it cannot or must not be done (reason recorded)
+    FAILED = "failed"  # an error (logged); the original is untouched
+
+
+class Variant(str, enum.Enum):
+    """Which series of a study to retrieve: the originals (default), the current normalized ones, or both."""
+
+    ORIGINAL = "original"
+    NORMALIZED = "normalized"
+    ALL = "all"
 
 
 class ItemOutcome(str, enum.Enum):
@@ -43,6 +69,7 @@ class ItemOutcome(str, enum.Enum):
     SKIPPED = "skipped"
     QUARANTINED = "quarantined"
     RECOMPRESSED = "recompressed"
+    NORMALIZED = "normalized"
     UNCHANGED = "unchanged"  # already in the target configuration (or another run did it)
     FAILED = "failed"
 

@@ -74,8 +74,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def archive(tmp_path: Path, database_url: str) -> Iterator[Archive]:
-    """A real archive (blob store on disk, catalog on SQLite or PostgreSQL), migrated to head."""
-    settings = Settings.load(environ={}, home=tmp_path / "home", database_url=database_url)
+    """A real archive (blob store on disk, catalog on SQLite or PostgreSQL), migrated to head.
+
+    Normalization is off here, so that what a test of another feature counts is what it stored;
+    the normalization tests (and the round trip of every pydicom file) turn it on.
+    """
+    settings = Settings.load(environ={}, home=tmp_path / "home", database_url=database_url, normalize=False)
     opened = Archive.open(settings, migrate=True)
     yield opened
     opened.close()
@@ -83,7 +87,7 @@ def archive(tmp_path: Path, database_url: str) -> Iterator[Archive]:
 
 @pytest.fixture
 def sqlite_archive(tmp_path: Path) -> Iterator[Archive]:
-    settings = Settings.load(environ={}, home=tmp_path / "home")
+    settings = Settings.load(environ={}, home=tmp_path / "home", normalize=False)  # as ``archive``
     opened = Archive.open(settings)
     yield opened
     opened.close()

@@ -16,13 +16,16 @@ from archive.config import Settings
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Reconciler, re-compression policies, verification and garbage collection."""
+    """Reconciler, re-compression policies, the normalization sweep, verification and garbage collection."""
     schedule: dict[str, dict[str, Any]] = {
         "reconcile": {"task": "medarchive.reconcile", "schedule": timedelta(seconds=settings.reconcile_interval)},
     }
     for name, policy in settings.policies.items():
         schedule[f"recompress:{name}"] = {"task": "medarchive.recompress_sweep", "args": [name],
                                           "schedule": timedelta(seconds=policy.interval)}
+    if settings.normalize and settings.normalize_interval > 0:
+        schedule["normalize"] = {"task": "medarchive.normalize_sweep",
+                                 "schedule": timedelta(seconds=settings.normalize_interval)}
     if settings.verify_interval > 0:
         schedule["verify"] = {"task": "medarchive.verify", "schedule": timedelta(seconds=settings.verify_interval)}
     if settings.gc_interval > 0:

@@ -133,6 +133,11 @@ def recompress_sweep(policy: str) -> dict[str, Any]:
     return sweeps.start_sweep(get_archive(), policy, dispatch_task).as_dict()
 
 
+@app.task(name="medarchive.normalize_sweep", acks_late=False)
+def normalize_sweep() -> dict[str, Any]:
+    return sweeps.start_normalize_sweep(get_archive(), dispatch_task).as_dict()
+
+
 @app.task(name="medarchive.verify", acks_late=False)
 def verify(study_uid: str | None = None) -> dict[str, Any]:
     report = integrity.verify_blobs(get_archive(), study_uid=study_uid)

@@ -25,11 +25,12 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from archive.clock import utcnow
-from archive.kinds import AuditAction, EncodingKind, ItemOutcome, JobKind, StorageMode
+from archive.kinds import AuditAction, DerivationKind, EncodingKind, ItemOutcome, JobKind, StorageMode
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -105,6 +106,10 @@ class Study(Base):
     num_instances: Mapped[int] = mapped_column(default=0)
     bytes_original: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_stored: Mapped[int] = mapped_column(BigInteger, default=0)
+    # derived series (normalized, later lossy or learned representations): counted apart from the originals
+    num_derived_series: Mapped[int] = mapped_column(default=0)
+    num_derived_instances: Mapped[int] = mapped_column(default=0)
+    bytes_derived: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -122,6 +127,8 @@ class Series(Base):
     series_description: Mapped[str | None] = mapped_column(String(256))
     body_part: Mapped[str | None] = mapped_column(String(64))
     num_instances: Mapped[int] = mapped_column(default=0)
+    # a derived series (new UIDs made by medarchive) points at the series it was made from; None: an original
+    derived_from_id: Mapped[int | None] = mapped_column(ForeignKey("series.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="series")
@@ -169,6 +176,8 @@ class Instance(Base):
     source_size: Mapped[int] = mapped_column(BigInteger, default=0)
     source_sha256: Mapped[str | None] = mapped_column(String(64))
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    # a derived instance's main source (its Source Image Sequence lists every one)
+    derived_from_id: Mapped[int | None] = mapped_column(ForeignKey("instances.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     series: Mapped[Series] = relationship(back_populates="instances")
@@ -178,12 +187,17 @@ class Instance(Base):
 
 
 class Encoding(Base):
-    """One way an instance's pixels are stored, with what it cost in size and error."""
+    """One way an instance's pixels are stored, with what it cost in size and error.
+
+    At most one encoding per instance is current: a partial unique index says so to the database.
+    """
 
     __tablename__ = "encodings"
     __table_args__ = (
         UniqueConstraint("instance_id", "generation"),
         Index("ix_encodings_current", "instance_id", "is_current"),
+        Index("uq_encodings_one_current", "instance_id", unique=True,
+              sqlite_where=text("is_current"), postgresql_where=text("is_current")),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -228,6 +242,42 @@ class EncodedFrame(Base):
     nbytes: Mapped[int] = mapped_column(BigInteger)
 
     encoding: Mapped[Encoding] = relationship(back_populates="frames")
+
+
+class Derivation(Base):
+    """How a derived series was made from its source: the profile, the geometry both sides, and what it cost.
+
+    One row per generation: running a changed profile makes a new derived
+    series (new UIDs) and a new current row; earlier ones stay as history.
+    The normalization error (the derived image resampled back onto the source
+    grid) is kept apart from any codec's error, which the encodings record.
+    """
+
+    __tablename__ = "derivations"
+    __table_args__ = (Index("ix_derivations_source_current", "source_series_id", "is_current"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), unique=True)  # the derived series
+    source_series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    kind: Mapped[DerivationKind] = mapped_column(_str_enum(DerivationKind))
+    generation: Mapped[int] = mapped_column(default=1)  # per source series
+    is_current: Mapped[bool] = mapped_column(Boolean, default=True)
+    profile: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]]  # the profile's full parameters as applied
+    params_sha256: Mapped[str] = mapped_column(String(64))  # with the software version: what the UIDs derive from
+    software_version: Mapped[str] = mapped_column(String(32))
+    source_geometry: Mapped[dict[str, Any]]
+    target_geometry: Mapped[dict[str, Any]]
+    transform: Mapped[dict[str, Any]]  # scale, offsets, padding, crop, slice plan
+    interpolation: Mapped[str] = mapped_column(String(16))
+    across_slices: Mapped[bool] = mapped_column(Boolean, default=False)
+    warnings: Mapped[dict[str, Any]]  # {"items": [{"kind": StackWarning value, "message": ...}]}
+    rmse: Mapped[float | None] = mapped_column(Float)  # normalization error, in modality units (HU for CT)
+    max_abs_error: Mapped[float | None] = mapped_column(Float)
+    error_pixels: Mapped[int | None]  # source pixels both grids cover, over which the error was measured
+    num_instances: Mapped[int] = mapped_column(default=0)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Job(Base):

@@ -14,6 +14,7 @@ import typer
 
 from archive.cli._app import app, console, err_console, human, open_archive, quarantine_app
 from archive.cli._format import JSON_HELP, UID_WIDTH, cell, short_path, short_time, short_uid, table
+from archive.kinds import Variant
 from archive.services import query
 from archive.services.retrieve import TRANSFER_SYNTAX_CHOICES, RetrieveReport, retrieve
 
@@ -110,10 +111,18 @@ def show(
                   f"{study['study_date'] or ''}  {cell(study['study_description'] or '')}", highlight=False)
     console.print(f"{study['num_series']} series, {study['instances']} instances, "
                   f"{human(study['bytes_original'])} → {human(study['bytes_stored'])}", highlight=False)
+    if study["derived_series"]:
+        console.print(f"derived (not counted above): {study['derived_series']} series, "
+                      f"{study['derived_instances']} instances, {human(study['bytes_derived'])} stored", highlight=False)
     for series in study["series"]:
+        derivation = series["derivation"]
+        heading = ""
+        if derivation:
+            heading = (f" · normalized ({derivation['profile']}, gen {derivation['generation']}"
+                       f"{'' if derivation['current'] else ', superseded'}) of {short_uid(series['derived_from'], 20)}")
         out = table(f"Series {series['series_number'] if series['series_number'] is not None else '-'} "
                     f"{series['modality'] or ''} {cell(series['description'] or '')} "
-                    f"({short_uid(series['series_uid'], 24)})",
+                    f"({short_uid(series['series_uid'], 24)}){heading}",
                     ("instance", UID_WIDTH), ("mode", 11), "codec", ("stored", 9, "right"), ("ratio", 5, "right"),
                     ("error", 8, "right"), ("status", 8))
         for inst in series["instances"]:
@@ -130,6 +139,19 @@ def show(
                             human(enc["bytes_after"]), f"{enc['ratio']:.2f}", error,
                             inst["status"] if enc["current"] else "old")
         console.print(out)
+        if derivation:
+            console.print("  " + _derivation_line(derivation), highlight=False, soft_wrap=True)
+
+
+def _derivation_line(derivation: dict[str, Any]) -> str:
+    target = derivation["target_geometry"]
+    spacing = target.get("spacing")
+    grid = f"{target.get('rows')}x{target.get('columns')}" + (f" at {spacing[1]:.4g} mm" if spacing else " (no spacing)")
+    error = ("" if derivation["rmse"] is None else
+             f"; normalization error RMSE {derivation['rmse']:.2f}, max {derivation['max_abs_error']:.0f} (modality units)")
+    across = " and across slices" if derivation["across_slices"] else ""
+    warnings = "".join(f"\n  warning: {w}" for w in derivation["warnings"])
+    return f"{grid}, {derivation['interpolation']} in-plane{across}{error}{warnings}"
 
 
 # --- retrieval
@@ -143,12 +165,15 @@ def get(
     include_conflicts: Annotated[bool, typer.Option(help="Also write recorded conflicts.")] = False,
     keep_going: Annotated[bool, typer.Option(
         "--keep-going", help="Write every readable instance and list the damaged ones (exit 1) instead of stopping.")] = False,
+    variant: Annotated[Variant, typer.Option(
+        "--variant", help="For a study: its original series, its current normalized series, or all of them.")
+    ] = Variant.ORIGINAL,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Write a study's (or one series') instances as DICOM Part 10 files."""
     with open_archive(read_only=True) as archive:
         report = retrieve(archive, uid, out, transfer_syntax=transfer_syntax, include_conflicts=include_conflicts,
-                          keep_going=keep_going)
+                          keep_going=keep_going, variant=variant)
     if as_json:
         console.print_json(json.dumps(_retrieve_dict(report, out)))
     else:

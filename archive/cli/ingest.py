@@ -16,6 +16,7 @@ from archive.cli._app import app, console, err_console, human, open_archive
 from archive.cli.browse import print_jobs
 from archive.config import Settings, parse_codec_spec
 from archive.errors import ArchiveError
+from archive.kinds import NormalizeOutcome
 from archive.services import jobs, query
 from archive.services.ingest import FileOutcome, IngestReport, Outcome, default_jobs, ingest_paths
 from archive.services.outcomes import nothing_to_archive_message
@@ -42,9 +43,19 @@ def print_ingest_summary(report: IngestReport, out: Console = console) -> None:
         summary["not reached"] = str(report.remaining)
     if report.job_id is not None:
         summary["job"] = str(report.job_id)
+    normalized = [n for n in report.normalized if n.outcome is NormalizeOutcome.NORMALIZED]
+    if normalized:
+        summary["normalized series"] = str(len(normalized))
+        summary["normalized stored"] = human(sum(n.bytes_stored for n in normalized))
     for name, value in summary.items():
         table.add_row(name, value)
     out.print(table)
+    other = [n for n in report.normalized if n.outcome in (NormalizeOutcome.SKIPPED, NormalizeOutcome.FAILED)
+             or (n.outcome is NormalizeOutcome.NORMALIZED and n.warnings)]
+    for n in other:
+        why = n.reason if n.outcome is not NormalizeOutcome.NORMALIZED else "; ".join(n.warnings)
+        out.print(f"normalize {n.profile or ''} {n.outcome.value} series {n.source_series_uid}: {why}",
+                  highlight=False, soft_wrap=True)
     for label, outcome in (("Skipped", Outcome.SKIPPED), ("Quarantined", Outcome.QUARANTINED), ("Conflicts", Outcome.CONFLICT)):
         rows = report.with_outcome(outcome)
         if rows:
@@ -140,6 +151,7 @@ def ingest_json(report: IngestReport) -> dict[str, Any]:
         "seconds": report.seconds, "files_found": report.files, "not_reached": report.remaining,
         "counts": {o.value: report.count(o) for o in Outcome},
         "files": [{"path": str(o.path), "outcome": o.outcome.value, "reason": o.reason} for o in report.outcomes],
+        "normalized": [n.as_dict() for n in report.normalized],
     }
 
 

@@ -53,6 +53,38 @@ def bench_ingest(
     print_ingest_benchmark(result, console)
 
 
+@bench_app.command("normalize")
+def bench_normalize(
+    folder: Annotated[Path, typer.Argument(help="Folder of DICOM files (read recursively, never modified).")],
+    slices: Annotated[int, typer.Option("--slices", min=1, help="CT and MR slices measured per modality "
+                                        "(spread over matrices and series).")] = 20,
+    repeat: Annotated[int, typer.Option("--repeat", min=1, help="Timed runs per method and slice; the median "
+                                        "is kept.")] = 7,
+    ingest: Annotated[bool, typer.Option("--ingest", help="Also ingest the folder's CT files with normalization "
+                                         "off and on, and compare the rates.")] = False,
+    ingest_repeat: Annotated[int, typer.Option("--ingest-repeat", min=1, help="Ingest runs each way; the fastest "
+                                               "is kept.")] = 3,
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="Processes of the --ingest runs.")] = 1,
+    workdir: Annotated[Path | None, typer.Option("--workdir", help="Where the temporary homes go (default: "
+                                                 "the system's temporary folder).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")] = False,
+) -> None:
+    """Milliseconds per slice of each interpolation, next to JPEG-LS, OpenCV and SimpleITK on the same slices."""
+    from archive.normalize.bench import (
+        print_normalize_benchmark,
+        run_normalize_benchmark,
+    )
+
+    options: dict[str, Any] = {"slices": slices, "repeat": repeat, "ingest": ingest, "ingest_repeat": ingest_repeat,
+                               "jobs": jobs, "workdir": workdir}
+    if as_json:
+        console.print_json(json.dumps(run_normalize_benchmark(folder, **options)))
+        return
+    with err_console.status("benchmark…") as status:
+        result = run_normalize_benchmark(folder, progress=status.update, **options)
+    print_normalize_benchmark(result, console)
+
+
 JSON_HELP = "Print the result as JSON (full UIDs and digests) instead of a summary."
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from archive.catalog.models import (
     FINAL_ITEM_STATUSES,
     Blob,
+    Derivation,
     EncodedFrame,
     Encoding,
     HeaderRevision,
@@ -94,9 +95,10 @@ def delete_series(archive: Archive, series_uid: str, *, reason: str | None = Non
     with archive.unit_of_work() as uow:
         series = _series(uow.session, series_uid, lock=True)
         study = series.study
-        whole = len(study.series) == 1
-        report = _plan(uow.session, study, [series], series_uid=series_uid, whole_study=whole)
-        _remove(uow.session, study, [series], whole_study=whole)
+        doomed = _with_derived(uow.session, [series])  # its normalized copies go with it
+        whole = {s.id for s in study.series} <= {s.id for s in doomed}
+        report = _plan(uow.session, study, doomed, series_uid=series_uid, whole_study=whole)
+        _remove(uow.session, study, doomed, whole_study=whole)
         report.audit_id = record(uow.session, AuditAction.DELETE_SERIES, series_uid, reason=reason,
                                  details=_details(report)).id
         uow.commit()
@@ -120,6 +122,17 @@ def _series(session: Session, series_uid: str, *, lock: bool = False) -> Series:
     if series is None:
         raise NotFoundError(f"no series with Series Instance UID {series_uid!r} (see `medarchive show STUDY_UID`)")
     return series
+
+
+def _with_derived(session: Session, series: Sequence[Series]) -> list[Series]:
+    """``series`` and every series derived from them (normalized copies, and copies of those)."""
+    found = {s.id: s for s in series}
+    frontier = list(found)
+    while frontier:
+        children = session.scalars(select(Series).where(Series.derived_from_id.in_(frontier))).all()
+        frontier = [c.id for c in children if c.id not in found]
+        found.update((c.id, c) for c in children)
+    return list(found.values())
 
 
 def _instance_ids(session: Session, series: Sequence[Series]) -> list[int]:
@@ -168,9 +181,13 @@ def _remove(session: Session, study: Study, series: Sequence[Series], *, whole_s
     for page in _pages(ids):
         elsewhere.update(session.scalars(select(Instance.series_id).distinct().where(Instance.id.in_(page))))
     elsewhere -= series_ids
+    session.execute(delete(Derivation).where(Derivation.series_id.in_(series_ids)
+                                             | Derivation.source_series_id.in_(series_ids)))
+    session.execute(update(Series).where(Series.derived_from_id.in_(series_ids)).values(derived_from_id=None))
     for page in _pages(ids):
         encodings = select(Encoding.id).where(Encoding.instance_id.in_(page))
         session.execute(update(Instance).where(Instance.conflict_of_id.in_(page)).values(conflict_of_id=None))
+        session.execute(update(Instance).where(Instance.derived_from_id.in_(page)).values(derived_from_id=None))
         session.execute(update(Encoding).where(Encoding.derived_from_id.in_(encodings)).values(derived_from_id=None))
         session.execute(delete(EncodedFrame).where(EncodedFrame.encoding_id.in_(encodings)))
         session.execute(delete(Encoding).where(Encoding.instance_id.in_(page)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,6 +19,46 @@ from archive.codecs import Codec, decode_frame, get_codec, read_frame_header
 from archive.errors import ArchiveError
 from archive.kinds import EncodingKind
 from archive.services.metrics import ErrorStats
+
+
+class RecentFrames:
+    """Decoded frames of blobs this process has just written and verified, by blob digest (bounded, LRU).
+
+    The normalization step of an ingest reads the series it has just
+    stored; with the frames still in memory it need not read and decode them
+    again. Blobs are content-addressed, so an entry is never stale. Off
+    unless a caller that will read back turns it on (``enable``).
+    """
+
+    def __init__(self, max_bytes: int = 256 * 1024**2) -> None:
+        self.max_bytes = max_bytes
+        self.enabled = False
+        self._frames: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def enable(self, on: bool = True) -> None:
+        self.enabled = on
+        if not on:
+            self._frames.clear()
+            self._bytes = 0
+
+    def put(self, digest: str, frame: np.ndarray) -> None:
+        if not self.enabled or digest in self._frames or frame.nbytes > self.max_bytes:
+            return
+        self._frames[digest] = frame
+        self._bytes += frame.nbytes
+        while self._bytes > self.max_bytes:
+            _, dropped = self._frames.popitem(last=False)
+            self._bytes -= dropped.nbytes
+
+    def get(self, digest: str) -> np.ndarray | None:
+        frame = self._frames.get(digest)
+        if frame is not None:
+            self._frames.move_to_end(digest)
+        return frame
+
+
+RECENT_FRAMES = RecentFrames()
 
 
 def pixel_hash(frames: Iterable[np.ndarray]) -> str:

@@ -48,7 +48,7 @@ from archive.errors import ArchiveError
 from archive.kinds import JobKind
 from archive.services.deadlines import fault_point
 from archive.services.discovery import discover, is_hidden_or_temporary
-from archive.services.encoding import encode_frames, pixel_hash
+from archive.services.encoding import RECENT_FRAMES, encode_frames, pixel_hash
 from archive.services.header_dictionaries import SampleCollector
 from archive.services.leases import process_owner
 from archive.services.outcomes import (
@@ -113,6 +113,8 @@ def ingest_paths(
         uow.session.add(job)
         uow.commit()
         report.job_id = job.id
+    # staged here (one process) and normalized here: keep the verified frames for the normalization step
+    RECENT_FRAMES.enable(jobs <= 1 and archive.settings.normalize)
     with _Stop(interruptible) as stop:
         writer = _BatchWriter(archive, report, on_file, stop)
         status, error = JobStatus.FAILED, None
@@ -124,6 +126,8 @@ def ingest_paths(
             finally:
                 staged.close()  # a failing writer takes the staging processes down with it
             writer.flush()
+            if not stop.requested:
+                report.normalized = _normalize(archive, report, paths, codec.get_config())
             status = JobStatus.INTERRUPTED if stop.requested else JobStatus.DONE
         except KeyboardInterrupt:
             status = JobStatus.INTERRUPTED  # the batch being written rolled back; staged blobs are GC's
@@ -133,11 +137,21 @@ def ingest_paths(
             error = f"{type(exc).__name__}: {exc}"[:2000]
             raise
         finally:
+            RECENT_FRAMES.enable(False)
             report.interrupted = status is JobStatus.INTERRUPTED
             report.seconds = time.perf_counter() - started
             with stop.shielded():
                 _finish_job(archive, report, status, error, must=error is None and status is not JobStatus.FAILED)
     return report
+
+
+def _normalize(archive: Archive, report: IngestReport, paths: Sequence[Path], codec: dict[str, Any]) -> list[Any]:
+    """The job's second step: normalized series of what it archived (or found archived), per the profiles."""
+    from archive.services.normalization import after_ingest
+
+    uids = sorted({o.study_uid for o in report.outcomes if o.study_uid and o.outcome in (
+        Outcome.STORED, Outcome.CONFLICT, Outcome.DUPLICATE)})
+    return after_ingest(archive, study_uids=uids, job_id=report.job_id, sources=[str(p) for p in paths], codec=codec)
 
 
 def _finish_job(archive: Archive, report: IngestReport, status: JobStatus, error: str | None, *, must: bool) -> None:

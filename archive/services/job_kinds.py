@@ -1,8 +1,8 @@
 """One handler per job kind: what an item of that kind is and how it is done.
 
 The executors (:mod:`archive.services.executors`) and the reconciler know
-nothing about ingest or re-compression; they look the job's kind up in
-:data:`HANDLERS`. A new kind (normalize) is one more handler.
+nothing about ingest, re-compression or normalization; they look the job's
+kind up in :data:`HANDLERS`. A new kind is one more handler.
 """
 
 from __future__ import annotations
@@ -160,11 +160,54 @@ def _with_job_study(session: Session, job: Job, query: Select[int]) -> set[int]:
     return ids
 
 
+# --------------------------------------------------------------------------- normalization
+
+
+def _normalize_one(archive: Archive, item_id: int) -> ItemResult:
+    """An item is a source series (named by its first instance): normalized by the profile that matches it."""
+    from archive.services.normalization import normalize_series  # noqa: PLC0415 - it imports the pipeline
+
+    with archive.unit_of_work() as uow:
+        item = uow.session.get_one(JobItem, item_id)
+        job_id, instance_id = item.job_id, item.source_instance_id
+        series_id = uow.session.scalar(select(Instance.series_id).where(Instance.id == instance_id))
+    fault_point(f"instance:{instance_id}")
+    status: ItemStatus
+    error: str | None
+    if series_id is None:  # deleted since the sweep chose it
+        status, outcome, error = ItemStatus.DONE, ItemOutcome.SKIPPED, "the series is no longer archived"
+    else:
+        try:
+            done = normalize_series(archive, series_id, job_id=job_id)
+            status, error = ItemStatus.DONE, done.reason or None
+            outcome = {"normalized": ItemOutcome.NORMALIZED, "unchanged": ItemOutcome.UNCHANGED}.get(
+                done.outcome.value, ItemOutcome.SKIPPED)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            status, outcome, error = ItemStatus.FAILED, ItemOutcome.FAILED, f"{type(exc).__name__}: {exc}"
+    with archive.unit_of_work() as uow:
+        finish_item(uow.session, item_id, status, outcome, error)
+        uow.commit()
+    return status, outcome, error
+
+
+def _normalize_set_aside(archive: Archive, job: Job, item: JobItem, reason: str) -> ItemResult:
+    return ItemStatus.FAILED, ItemOutcome.FAILED, reason  # the original is untouched; the next sweep skips it
+
+
+def _normalize_studies(session: Session, job: Job) -> set[int]:
+    query = (select(Series.study_id).join(Instance, Instance.series_id == Series.id)
+             .join(JobItem, JobItem.source_instance_id == Instance.id).where(JobItem.job_id == job.id))
+    return _with_job_study(session, job, query)
+
+
 HANDLERS: dict[JobKind, JobHandler] = {
     JobKind.INGEST: JobHandler(JobKind.INGEST, _ingest_one, _ingest_set_aside, _ingest_studies,
                                batch=True, blobs_must_exist=True),
     JobKind.RECOMPRESS: JobHandler(JobKind.RECOMPRESS, _recompress_one, _recompress_set_aside, _recompress_studies,
                                    windowed=True),
+    JobKind.NORMALIZE: JobHandler(JobKind.NORMALIZE, _normalize_one, _normalize_set_aside, _normalize_studies),
 }
 
 

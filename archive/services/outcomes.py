@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 # Errors of the machine, not of the file: the task is retried, nothing is quarantined.
 TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ENOMEM, errno.ESTALE})
@@ -38,6 +39,7 @@ class IngestReport:
     job_id: int | None = None
     files: int = 0  # files found under the paths (those set aside before reading included)
     interrupted: bool = False  # stopped by SIGINT/SIGTERM: the outcomes are what was done before
+    normalized: list[Any] = field(default_factory=list)  # services.normalization.SeriesNormalization per series
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for o in self.outcomes if o.outcome is outcome)
@@ -51,7 +53,9 @@ class IngestReport:
         """What ``jobs`` shows for a direct ingest: outcome value -> files, and ``files`` found in all."""
         counts = Counter(o.outcome.value for o in self.outcomes)
         counts.update(o.outcome.value for o in more)
-        return {**{o.value: counts.get(o.value, 0) for o in Outcome}, "files": self.files}
+        normalized = sum(1 for n in self.normalized if n.outcome.value == "normalized")
+        return {**{o.value: counts.get(o.value, 0) for o in Outcome}, "files": self.files,
+                **({"normalized_series": normalized} if normalized else {})}
 
     def nothing_to_archive(self, paths: Sequence[Path]) -> str | None:
         """The error when every file was set aside as not DICOM, hidden or temporary (None otherwise)."""

@@ -12,6 +12,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, selectinload
 
 from archive.catalog.models import (
     FINAL_ITEM_STATUSES,
+    Derivation,
     Encoding,
     Instance,
     ItemStatus,
@@ -196,18 +197,35 @@ def show_study(archive: Archive, uid: str) -> dict[str, Any]:
         result = _study_dict(study)
         result["num_series"] = study.num_series
         result["series_only"] = only.series_uid if only is not None else None
+        derivations = {d.series_id: d for d in uow.session.scalars(
+            select(Derivation).where(Derivation.series_id.in_([s.id for s in study.series])))}
+        uid_of = {s.id: s.series_uid for s in study.series}
         result["series"] = [
             {
                 "series_uid": series.series_uid,
                 "series_number": series.series_number,
                 "modality": series.modality,
                 "description": series.series_description,
+                "derived_from": uid_of.get(series.derived_from_id) if series.derived_from_id else None,
+                "derivation": _derivation_dict(derivations.get(series.id)),
                 "instances": [_instance_dict(i) for i in series.instances],
             }
             for series in study.series
             if only is None or series.id == only.id
         ]
         return result
+
+
+def _derivation_dict(row: Derivation | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {
+        "kind": row.kind.value, "profile": row.profile, "generation": row.generation, "current": row.is_current,
+        "params": row.params, "source_geometry": row.source_geometry, "target_geometry": row.target_geometry,
+        "transform": row.transform, "interpolation": row.interpolation, "across_slices": row.across_slices,
+        "warnings": [w["message"] for w in row.warnings.get("items", [])], "rmse": row.rmse,
+        "max_abs_error": row.max_abs_error, "error_pixels": row.error_pixels, "software_version": row.software_version,
+    }
 
 
 def list_quarantine(archive: Archive) -> list[dict[str, Any]]:
@@ -241,6 +259,9 @@ def _study_dict(study: Study) -> dict[str, Any]:
         "instances": study.num_instances,
         "bytes_original": study.bytes_original,
         "bytes_stored": study.bytes_stored,
+        "derived_series": study.num_derived_series,
+        "derived_instances": study.num_derived_instances,
+        "bytes_derived": study.bytes_derived,
         "ratio": round(study.bytes_original / study.bytes_stored, 3) if study.bytes_stored else None,
     }
 

@@ -125,6 +125,7 @@ def _candidates(session: Session, policy: RecompressPolicy, *, limit: int | None
             Instance.status.in_((InstanceStatus.STORED, InstanceStatus.CONFLICT)),
             Instance.storage_mode == StorageMode.PIXELS,
             Encoding.kind == EncodingKind.LOSSLESS,
+            Series.derived_from_id.is_(None),  # normalized copies follow their profile's codec, not a policy
         )
         .order_by(Instance.id)
     )

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from archive.catalog.models import FINAL_ITEM_STATUSES, EncodedFrame, Encoding, Instance, ItemStatus, Job, JobItem, JobStatus, JobTask
 from archive.clock import aware_utc, utcnow
+from archive.kinds import JobKind
 from archive.services.blobs import blob_refs
 from archive.services.job_kinds import handler_for, in_window
 from archive.services.leases import owner_is_dead, process_owner, reclaimable
@@ -28,6 +29,7 @@ def finalize_job(archive: Archive, job_id: int) -> bool:
     blobs are present, or quarantined (with a copy); otherwise the job fails
     and the folder stays for an administrator.
     """
+    normalized = _normalize_finished_ingest(archive, job_id)
     with archive.unit_of_work() as uow:
         session = uow.session
         job = session.get(Job, job_id)
@@ -48,6 +50,8 @@ def finalize_job(archive: Archive, job_id: int) -> bool:
         ):
             counts[outcome.value if outcome else status.value] += n
         counts["items"] = sum(v for k, v in counts.items() if k != "items")
+        if normalized:
+            counts["normalized_series"] = normalized
         handler = handler_for(job)
         refresh_totals(session, handler.studies_of(session, job))
         missing = _missing_blobs(archive, session, job_id) if handler.blobs_must_exist else []
@@ -69,6 +73,26 @@ def finalize_job(archive: Archive, job_id: int) -> bool:
     if won and spool_dir and not missing:
         shutil.rmtree(spool_dir, ignore_errors=True)
     return bool(won)
+
+
+def _normalize_finished_ingest(archive: Archive, job_id: int) -> int:
+    """An ingest job's last step, once every item is final: normalize what it archived (idempotent, so a
+    finalization that runs twice, or a reconciler finishing a dead worker's job, only finds it done)."""
+    from archive.services.normalization import after_ingest, job_sources
+
+    with archive.unit_of_work() as uow:
+        session = uow.session
+        job = session.get(Job, job_id)
+        if (job is None or job.kind is not JobKind.INGEST or job.status not in (JobStatus.QUEUED, JobStatus.RUNNING)
+                or is_direct(job) or not archive.settings.normalize):
+            return 0
+        if session.scalar(select(func.count()).select_from(JobItem).where(
+                JobItem.job_id == job_id, JobItem.status.not_in(FINAL_ITEM_STATUSES))):
+            return 0
+        study_ids = sorted(handler_for(job).studies_of(session, job))
+        sources, codec = job_sources(job), job.params.get("codec")
+    results = after_ingest(archive, study_ids=study_ids, job_id=job_id, sources=sources, codec=codec)
+    return sum(1 for r in results if r.outcome.value == "normalized")
 
 
 def is_direct(job: Job) -> bool:

@@ -6,6 +6,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -13,8 +14,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from archive.catalog.models import Encoding, Instance, InstanceStatus, Series, Study
-from archive.kinds import StorageMode
+from archive.catalog.models import Derivation, Encoding, Instance, InstanceStatus, Series, Study
+from archive.kinds import StorageMode, Variant
 from archive.codecs import decode_frame
 from archive.dicom.reader import PixelLayout
 from archive.dicom.uids import safe_component
@@ -91,8 +92,12 @@ def retrieve(
     transfer_syntax: str = "explicit-le",
     include_conflicts: bool = False,
     keep_going: bool = False,
+    variant: Variant = Variant.ORIGINAL,
 ) -> RetrieveReport:
     """Write a study's or one series' instances (``uid`` is either UID) as Part 10 files.
+
+    For a study, ``variant`` chooses its original series (the default), its
+    current normalized series, or both; a Series UID names one series, whatever it is.
 
     An instance whose blob is missing or corrupt stops the retrieval with an
     error naming it; with ``keep_going`` it is listed in ``unreadable`` and
@@ -105,6 +110,8 @@ def retrieve(
         study, series = resolve_uid(uow.session, uid)
         report = RetrieveReport(study.study_uid, series_uid=series.series_uid if series is not None else None)
         where = Instance.series_id == series.id if series is not None else Series.study_id == study.id
+        if series is None:
+            where = where & variant_filter(variant)
         instances = uow.session.scalars(
             select(Instance)
             .join(Series)
@@ -136,6 +143,17 @@ def retrieve(
             _write_atomically(target, data, out_dir)
             report.files.append(RetrievedInstance(target, instance.sop_instance_uid, str(syntax), instance.source_path, note))
     return report
+
+
+def variant_filter(variant: Variant) -> Any:
+    """A condition on ``Series``: originals, current normalized (derived) series, or both."""
+    original = Series.derived_from_id.is_(None)
+    current = Series.id.in_(select(Derivation.series_id).where(Derivation.is_current))
+    if variant is Variant.ORIGINAL:
+        return original
+    if variant is Variant.NORMALIZED:
+        return current
+    return original | current
 
 
 def instance_part10(uow: UnitOfWork, instance: Instance, transfer_syntax: str) -> tuple[bytes, UID, str]:

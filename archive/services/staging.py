@@ -42,7 +42,7 @@ from archive.dicom.reader import (
 from archive.dicom.writer import canonical_header_sha256, read_header
 from archive.errors import ArchiveError, InstanceTimeLimitExceeded, InvalidDicomError, NotDicomError
 from archive.kinds import EncodingKind, StorageMode
-from archive.services.encoding import encode_frames, pixel_hash
+from archive.services.encoding import RECENT_FRAMES, encode_frames, pixel_hash
 from archive.services.header_dictionaries import HeaderDictionaries, header_key
 from archive.services.outcomes import TRANSIENT_ERRNOS, FileOutcome, Outcome
 from archive.services.quarantine import quarantine_file
@@ -110,6 +110,21 @@ class StagedInstance:
         return [self.header, *self.frames]
 
 
+@dataclass(frozen=True)
+class MadeInstance:
+    """An instance medarchive made in memory (a normalized image): Part 10 bytes and a label for the catalog.
+
+    It is staged like a file, except that a failure is a bug to report, not
+    bad input to quarantine: the error propagates.
+    """
+
+    data: bytes
+    label: str  # recorded as the instance's source_path, e.g. "normalized:ct:<source SOP Instance UID>"
+
+
+Source = Path | MadeInstance
+
+
 @dataclass
 class _Read:
     """What staging learned from the file before anything is written."""
@@ -148,10 +163,11 @@ def stage_file(
 
 
 def stage_files(
-    archive: Archive, paths: Sequence[Path], codec: Codec, *, job_id: int | None = None,
+    archive: Archive, paths: Sequence[Source], codec: Codec, *, job_id: int | None = None,
     session: Session | None = None, sync: bool = True, guard: Guard | None = None,
 ) -> list[StagedInstance | FileOutcome]:
-    """Stage several files: read them, look their SOP instances up in one query, then encode and write.
+    """Stage several files (or instances made in memory): read them, look their SOP instances up in one query,
+    then encode and write.
 
     ``guard(path)`` wraps each file's read and its write (the batch service's
     per-instance time limit); an instance that exceeds it is quarantined.
@@ -168,13 +184,21 @@ def stage_files(
                 duplicate = duplicates.get(id(read))
                 if duplicate is not None:
                     results[index] = duplicate
+                elif isinstance(paths[index], MadeInstance):
+                    results[index] = _write(archive.store, archive.headers, lookups, read, codec,
+                                            archive.settings.header_zstd_level)
                 else:
+                    source = paths[index]
+                    assert not isinstance(source, MadeInstance)
                     write = partial(_stage_write, archive, lookups, read, codec, job_id)
-                    results[index] = _guarded(archive, paths[index], job_id, guard, write)
+                    results[index] = _guarded(archive, Path(source), job_id, guard, write)
             pending.clear()
 
         for index, path in enumerate(paths):
-            outcome = _guarded(archive, path, job_id, guard, partial(_read_or_outcome, archive, path, job_id))
+            if isinstance(path, MadeInstance):
+                outcome: _Read | StagedInstance | FileOutcome = _read_made(path)
+            else:
+                outcome = _guarded(archive, path, job_id, guard, partial(_read_or_outcome, archive, path, job_id))
             if isinstance(outcome, (StagedInstance, FileOutcome)):
                 results[index] = outcome
                 continue
@@ -249,7 +273,14 @@ def lookup_session(archive: Archive) -> Session:
 
 
 def _read(path: Path) -> _Read:
-    parsed = read_instance(path)
+    return _read_parsed(read_instance(path))
+
+
+def _read_made(made: MadeInstance) -> _Read:
+    return _read_parsed(parse_instance(made.data, Path(made.label)))
+
+
+def _read_parsed(parsed: ParsedInstance) -> _Read:
     header = header_of(parsed)
     if parsed.mode is StorageMode.PIXELS:
         frames = list(iter_frames(parsed))
@@ -459,6 +490,10 @@ def _write(
                 encoding = _whole_encoding(parsed, whole, zstd_level, side_info)
     header = store.put(header_bytes)
     frames = [store.put(data) for data in encoded]
+    if mode is StorageMode.PIXELS and read.frames is not None and encoding.get("max_abs_error") == 0 \
+            and len(frames) == len(read.frames):  # exact: what decoding the blob gives back
+        for ref, frame in zip(frames, read.frames):
+            RECENT_FRAMES.put(ref.digest, frame)
     stored = header.size + sum(ref.size for ref in frames)
     if mode is StorageMode.WHOLE:
         encoding.update(bytes_after=header.size, ratio=len(parsed.source_bytes) / max(header.size, 1))

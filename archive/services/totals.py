@@ -103,39 +103,49 @@ def refresh_totals(session: Session, study_ids: Iterable[int]) -> None:
 
 
 def _refresh_page(session: Session, study_ids: list[int]) -> None:
+    """Originals and derived series (normalized copies) are counted apart: a study's totals are its originals."""
     stored = case((Instance.status == InstanceStatus.STORED, 1), else_=0)
+    derived = Series.derived_from_id.is_not(None)
     per_series = session.execute(
-        select(Series.id, Series.study_id, Series.modality, func.coalesce(func.sum(stored), 0),
-               func.coalesce(func.sum(Instance.source_size), 0))
+        select(Series.id, Series.study_id, Series.modality, Series.derived_from_id,
+               func.coalesce(func.sum(stored), 0), func.coalesce(func.sum(Instance.source_size), 0))
         .outerjoin(Instance, Instance.series_id == Series.id)
-        .where(Series.study_id.in_(study_ids)).group_by(Series.id, Series.study_id, Series.modality)
+        .where(Series.study_id.in_(study_ids))
+        .group_by(Series.id, Series.study_id, Series.modality, Series.derived_from_id)
     ).all()
-    headers = dict(session.execute(
-        select(Series.study_id, func.coalesce(func.sum(Blob.size), 0))
+    headers = {(study_id, bool(is_derived)): size for study_id, is_derived, size in session.execute(
+        select(Series.study_id, derived, func.coalesce(func.sum(Blob.size), 0))
         .join(Instance, Instance.series_id == Series.id).join(Blob, Instance.header_blob == Blob.sha256)
-        .where(Series.study_id.in_(study_ids)).group_by(Series.study_id)
-    ).all())
-    pixels = dict(session.execute(
-        select(Series.study_id, func.coalesce(func.sum(Encoding.bytes_after), 0))
+        .where(Series.study_id.in_(study_ids)).group_by(Series.study_id, derived)
+    )}
+    pixels = {(study_id, bool(is_derived)): size for study_id, is_derived, size in session.execute(
+        select(Series.study_id, derived, func.coalesce(func.sum(Encoding.bytes_after), 0))
         .join(Instance, Instance.series_id == Series.id).join(Encoding, Encoding.instance_id == Instance.id)
         .where(Series.study_id.in_(study_ids), Encoding.is_current, Instance.storage_mode != StorageMode.WHOLE)
-        .group_by(Series.study_id)
-    ).all())
+        .group_by(Series.study_id, derived)
+    )}
     totals = {study_id: _Totals() for study_id in study_ids}
     series_rows = []
-    for series_id, study_id, modality, count, size in per_series:
+    for series_id, study_id, modality, derived_from, count, size in per_series:
         entry = totals[study_id]
-        entry.num_series += 1
-        entry.num_instances += int(count)
-        entry.bytes_original += int(size)
-        if modality:
-            entry.modalities.add(modality)
+        if derived_from is not None:
+            entry.num_derived_series += 1
+            entry.num_derived_instances += int(count)
+        else:
+            entry.num_series += 1
+            entry.num_instances += int(count)
+            entry.bytes_original += int(size)
+            if modality:
+                entry.modalities.add(modality)
         series_rows.append({"id": series_id, "num_instances": int(count)})
     if series_rows:
         session.execute(update(Series), series_rows)  # one executemany by primary key
     session.execute(update(Study), [
         {"id": study_id, "num_series": t.num_series, "num_instances": t.num_instances,
-         "bytes_original": t.bytes_original, "bytes_stored": int(headers.get(study_id, 0)) + int(pixels.get(study_id, 0)),
+         "bytes_original": t.bytes_original,
+         "bytes_stored": int(headers.get((study_id, False), 0)) + int(pixels.get((study_id, False), 0)),
+         "num_derived_series": t.num_derived_series, "num_derived_instances": t.num_derived_instances,
+         "bytes_derived": int(headers.get((study_id, True), 0)) + int(pixels.get((study_id, True), 0)),
          "modalities_in_study": "\\".join(sorted(t.modalities)) or None, "updated_at": utcnow()}
         for study_id, t in totals.items()
     ])
@@ -145,5 +155,7 @@ def _refresh_page(session: Session, study_ids: list[int]) -> None:
 class _Totals:
     num_series: int = 0
     num_instances: int = 0
+    num_derived_series: int = 0
+    num_derived_instances: int = 0
     bytes_original: int = 0
     modalities: set[str] = field(default_factory=set)

@@ -25,9 +25,13 @@ from tests.dicom_compare import header_differences, read, stored_values
 CLEAN = ["MR_small.dcm", "CT_small.dcm"]
 
 
-def medarchive(home: Path, *args: str, database_url: str | None = None) -> subprocess.CompletedProcess[str]:
+def medarchive(home: Path, *args: str, database_url: str | None = None,
+               normalize: bool | None = False) -> subprocess.CompletedProcess[str]:
+    """The command; normalization off unless asked (None: as shipped, no variable set)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDARCHIVE_")}
     env.update(MEDARCHIVE_HOME=str(home), COLUMNS="200", NO_COLOR="1", TERM="dumb")
+    if normalize is not None:
+        env["MEDARCHIVE_NORMALIZE"] = "on" if normalize else "off"
     if database_url:
         env["MEDARCHIVE_DATABASE_URL"] = database_url
     return subprocess.run([sys.executable, "-m", "archive.cli", *args], env=env, capture_output=True, text=True,

@@ -28,7 +28,8 @@ STOPPED_REDIS = "redis://127.0.0.1:6399/0"
 def run(home: Path, *args: str, prefix: tuple[str, ...] = (), timeout: float = 120,
         **env_extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDARCHIVE_")}
-    env.update(MEDARCHIVE_HOME=str(home), COLUMNS="80", NO_COLOR="1", TERM="dumb", **env_extra)
+    env.update(MEDARCHIVE_HOME=str(home), COLUMNS="80", NO_COLOR="1", TERM="dumb", MEDARCHIVE_NORMALIZE="off")
+    env.update(env_extra)
     return subprocess.run([*prefix, sys.executable, "-m", "archive.cli", *args], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=REPO)
 

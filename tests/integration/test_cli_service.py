@@ -75,7 +75,7 @@ def test_ingest_wait_queues_through_the_broker(tmp_path: Path) -> None:
     queue = f"medarchive-test-{uuid.uuid4().hex[:12]}"
     (home / "medarchive.toml").write_text(f'broker_url = "redis://127.0.0.1:6379/7"\nqueue = "{queue}"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDARCHIVE_")}
-    env.update(MEDARCHIVE_HOME=str(home))
+    env.update(MEDARCHIVE_HOME=str(home), MEDARCHIVE_NORMALIZE="off")  # counts here are of originals
     worker = subprocess.Popen([sys.executable, "-m", "archive.cli", "worker", "--concurrency", "1"], env=env,
                               cwd=home.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)

@@ -220,7 +220,7 @@ def test_philips_series_corrects_in_seconds(sqlite_archive: Archive, tmp_path: P
 
 def medarchive(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDARCHIVE_")}
-    env.update(MEDARCHIVE_HOME=str(home), COLUMNS="80", NO_COLOR="1", TERM="dumb")
+    env.update(MEDARCHIVE_HOME=str(home), COLUMNS="80", NO_COLOR="1", TERM="dumb", MEDARCHIVE_NORMALIZE="off")
     return subprocess.run([sys.executable, "-m", "archive.cli", *args], env=env, capture_output=True, text=True,
                           timeout=120, cwd=home.parent)
 
@@ -232,7 +232,7 @@ def _json(result: subprocess.CompletedProcess[str]) -> Any:
 
 def test_cli_update_merge_patient_and_history(tmp_path: Path, inbox: Path) -> None:
     home = tmp_path / "home"
-    with Archive.open(Settings.load(environ={}, home=home)) as archive:
+    with Archive.open(Settings.load(environ={}, home=home, normalize=False)) as archive:
         ingest_paths(archive, [inbox / PATIENT])
         with archive.unit_of_work() as uow:
             studies = uow.session.scalars(select(Study.study_uid).order_by(Study.study_uid)).all()
@@ -265,7 +265,7 @@ def test_cli_update_merge_patient_and_history(tmp_path: Path, inbox: Path) -> No
     gone = medarchive(home, "merge-patient", PATIENT, "X", "--reason", "r")
     assert gone.returncode == 2 and "no study with Patient ID" in gone.stderr
 
-    with Archive.open(Settings.load(environ={}, home=home)) as archive, archive.unit_of_work() as uow:
+    with Archive.open(Settings.load(environ={}, home=home, normalize=False)) as archive, archive.unit_of_work() as uow:
         assert set(uow.session.scalars(select(Study.patient_id))) == {"NEW-ID"}
         assert set(uow.session.scalars(select(Study.patient_name))) == {"Doe^Jane"}
 

@@ -123,7 +123,7 @@ def test_date_ranges_parse_like_dicom_range_matching() -> None:
 def narrow(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """The command at 80 columns, as a terminal of that size shows it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDARCHIVE_")}
-    env.update(MEDARCHIVE_HOME=str(home), COLUMNS="80", NO_COLOR="1", TERM="dumb")
+    env.update(MEDARCHIVE_HOME=str(home), COLUMNS="80", NO_COLOR="1", TERM="dumb", MEDARCHIVE_NORMALIZE="off")
     return subprocess.run([sys.executable, "-m", "archive.cli", *args], env=env, capture_output=True, text=True,
                           timeout=120, cwd=home.parent)
 
@@ -131,7 +131,7 @@ def narrow(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 @contextmanager
 def opened(home: Path) -> Iterator[Archive]:
     """The home's archive in this process (closed after: its pack is sealed, as a finished command leaves it)."""
-    archive = Archive.open(Settings.load(environ={}, home=home))
+    archive = Archive.open(Settings.load(environ={}, home=home, normalize=False))
     try:
         yield archive
     finally:

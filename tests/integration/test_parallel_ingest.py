@@ -46,7 +46,7 @@ def inbox(tmp_path: Path) -> Path:
 
 
 def _open(home: Path) -> Archive:
-    return Archive.open(Settings.load(environ={}, home=home))
+    return Archive.open(Settings.load(environ={}, home=home, normalize=False))
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
-from archive.catalog.models import Encoding, Instance, ItemStatus, Job, JobItem, QuarantineEntry, Study
+from archive.catalog.models import Encoding, Instance, ItemStatus, Job, JobItem, QuarantineEntry, Series, Study
 from archive.services.jobs import submit_paths
 from archive.services.retrieve import retrieve_study
 from archive.services.runtime import Archive
@@ -271,10 +271,17 @@ def test_recompression_sweep_interrupted_and_resumed(service: Service, tmp_path:
         submit_paths(archive, [source], service.dispatcher())
     service.wait_for(lambda: service.jobs_finished(len({_study(p) for p in source.iterdir()})), 120, "ingest")
     service.kill("worker")
+    original_encodings = (select(Encoding).join(Instance, Instance.id == Encoding.instance_id).join(Series)
+                          .where(Series.derived_from_id.is_(None)))
     with service.archive() as archive, archive.unit_of_work() as uow:
-        before = {e.instance_id: e.id for e in uow.session.scalars(select(Encoding).where(Encoding.is_current))}
+        before = {e.instance_id: e.id for e in uow.session.scalars(original_encodings.where(Encoding.is_current))}
         assert {e.codec_id for e in uow.session.scalars(select(Encoding))} == {"jpegls"}
         ingest_jobs = len(uow.session.scalars(select(Job)).all())
+        # the workers normalized the axial CT in the ingest jobs (shipped CT profile); the coarse reformats stay as
+        # acquired; re-compression policies leave normalized copies to their profile's codec
+        normalized = uow.session.scalars(select(Series).where(Series.derived_from_id.is_not(None))).all()
+        assert normalized and all(j.counts.get("normalized_series") for j in uow.session.scalars(select(Job))
+                                  if j.study_uid in {s.study.study_uid for s in normalized})
 
     service.start_worker(name="worker-2", concurrency=1, MEDARCHIVE_FAULT_DELAY="0.3")
     from workers.app import create_app
@@ -292,7 +299,7 @@ def test_recompression_sweep_interrupted_and_resumed(service: Service, tmp_path:
     sweep = jobs[-1]
     assert sweep.kind == "recompress" and sweep.status.value == "done"
     with service.archive() as archive, archive.unit_of_work() as uow:
-        current = list(uow.session.scalars(select(Encoding).where(Encoding.is_current)))
+        current = list(uow.session.scalars(original_encodings.where(Encoding.is_current)))
         assert len(current) == len(before)  # one current encoding per instance
         assert all(e.codec_id == "jpegxl" and e.generation == 2 for e in current)
         assert all(e.derived_from_id == before[e.instance_id] for e in current)
