@@ -305,7 +305,7 @@ def run_ingest_benchmark(
         "workdir": str(Path(workdir or tempfile.gettempdir()).resolve()),
         "repeat": repeat,
         "cores": cores,
-        "machine": {"cpu_model": _cpu_model(), "python": sys.version.split()[0], "platform": platform.platform()},
+        "machine": {"cpu_model": cpu_model(), "python": sys.version.split()[0], "platform": platform.platform()},
         "files": len(files),
         "input_bytes": input_bytes,
         "rows": rows,
@@ -314,7 +314,7 @@ def run_ingest_benchmark(
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -59,7 +59,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy import ndimage  # type: ignore[import-untyped]
 
-from archive.bench import CODEC_CONFIG, _cpu_model
+from archive.bench import CODEC_CONFIG, cpu_model
 from archive.codecs import get_codec
 from archive.config import Settings
 from archive.dicom.geometry import PlaneGeometry, plane_geometries
@@ -556,7 +556,7 @@ def run_normalize_benchmark(
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "cores": os.cpu_count(),
         "threads": 1,
-        "machine": {"cpu_model": _cpu_model(), "python": sys.version.split()[0], "platform": platform.platform(),
+        "machine": {"cpu_model": cpu_model(), "python": sys.version.split()[0], "platform": platform.platform(),
                     "opencv": cv2.__version__, "simpleitk": sitk.Version.VersionString()},
         "software_version": version,
         "repeat": repeat,

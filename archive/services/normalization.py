@@ -146,17 +146,19 @@ def normalize_series(archive: Archive, series_id: int, *, profile: NormalizeProf
         if series.derived_from_id is not None:
             result.outcome, result.reason = NormalizeOutcome.SKIPPED, "a derived series is never normalized again"
             return result
-        instances = _image_instances(uow, series.id)
-        if not instances:
-            result.outcome, result.reason = NormalizeOutcome.SKIPPED, "no images (nothing with pixels to resample)"
+        first = uow.session.scalar(select(Instance).where(Instance.series_id == series.id,
+                                                          Instance.status == InstanceStatus.STORED)
+                                   .order_by(Instance.id).limit(1))
+        if first is None:
+            result.reason = "no stored instance"
             return result
         needs_manufacturer = any(p.manufacturers for p in archive.settings.normalize_profiles) or (
             profile is not None and bool(profile.manufacturers))
         manufacturer = None
         if needs_manufacturer:
-            header = read_header(uow.read_header(instances[0].header_blob, instances[0].header_dictionary))
+            header = read_header(uow.read_header(first.header_blob, first.header_dictionary))
             manufacturer = str(header.get("Manufacturer", "") or "")
-        facts = SeriesFacts(modality=series.modality, sop_class_uid=instances[0].sop_class_uid,
+        facts = SeriesFacts(modality=series.modality, sop_class_uid=first.sop_class_uid,
                             body_part=series.body_part, manufacturer=manufacturer, sources=tuple(sources))
         chosen = profile if profile is not None and profile.matches(facts) else None
         if profile is None and archive.settings.normalize:
@@ -173,6 +175,10 @@ def normalize_series(archive: Archive, series_id: int, *, profile: NormalizeProf
             result.outcome, result.reason = NormalizeOutcome.UNCHANGED, "normalized with this profile already"
             if not dry_run:
                 _make_current(archive, expected, series_id)
+            return result
+        instances = _image_instances(uow, series.id)
+        if not instances:
+            result.outcome, result.reason = NormalizeOutcome.SKIPPED, "no images (nothing with pixels to resample)"
             return result
         images = _load_headers(uow, instances)
         plan = normalize_series_images(images, chosen, version=version, plan_only=True)
