@@ -21,11 +21,15 @@ def normalize(
     profile: Annotated[Optional[str], typer.Option(
         "--profile", help="Run this [normalize.NAME] profile (its selectors still apply), even if it is off.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be made; change nothing.")] = False,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", help="Processes (default: one per core).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Normalize archived series with the profiles (again after a profile changed: a new generation)."""
+    from archive.services.ingest import default_jobs
+
     with open_archive() as archive:
-        results = normalize_studies(archive, study_uids=study, profile_name=profile, dry_run=dry_run)
+        results = normalize_studies(archive, study_uids=study, profile_name=profile, dry_run=dry_run,
+                                    jobs=jobs or default_jobs())
     if as_json:
         console.print_json(json.dumps([r.as_dict() for r in results], default=str))
         return

@@ -127,7 +127,7 @@ def ingest_paths(
                 staged.close()  # a failing writer takes the staging processes down with it
             writer.flush()
             if not stop.requested:
-                report.normalized = _normalize(archive, report, paths, codec.get_config())
+                report.normalized = _normalize(archive, report, paths, codec.get_config(), jobs)
             status = JobStatus.INTERRUPTED if stop.requested else JobStatus.DONE
         except KeyboardInterrupt:
             status = JobStatus.INTERRUPTED  # the batch being written rolled back; staged blobs are GC's
@@ -145,13 +145,15 @@ def ingest_paths(
     return report
 
 
-def _normalize(archive: Archive, report: IngestReport, paths: Sequence[Path], codec: dict[str, Any]) -> list[Any]:
+def _normalize(archive: Archive, report: IngestReport, paths: Sequence[Path], codec: dict[str, Any],
+               jobs: int) -> list[Any]:
     """The job's second step: normalized series of what it archived (or found archived), per the profiles."""
     from archive.services.normalization import after_ingest
 
     uids = sorted({o.study_uid for o in report.outcomes if o.study_uid and o.outcome in (
         Outcome.STORED, Outcome.CONFLICT, Outcome.DUPLICATE)})
-    return after_ingest(archive, study_uids=uids, job_id=report.job_id, sources=[str(p) for p in paths], codec=codec)
+    return after_ingest(archive, study_uids=uids, job_id=report.job_id, sources=[str(p) for p in paths], codec=codec,
+                        jobs=jobs)
 
 
 def _finish_job(archive: Archive, report: IngestReport, status: JobStatus, error: str | None, *, must: bool) -> None:

@@ -15,9 +15,13 @@ their source (``derived_from``) and counted apart in the study's totals.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import signal
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -98,35 +102,66 @@ def original_series_ids(archive: Archive, study_uids: Sequence[str] | None = Non
 def normalize_studies(archive: Archive, *, study_uids: Sequence[str] | None = None,
                       study_ids: Sequence[int] | None = None, profile_name: str | None = None,
                       dry_run: bool = False, job_id: int | None = None, sources: Sequence[str] = (),
-                      limit: int | None = None, codec: dict[str, Any] | None = None) -> list[SeriesNormalization]:
+                      codec: dict[str, Any] | None = None, jobs: int = 1) -> list[SeriesNormalization]:
     """Normalize every original series of the studies (all studies when none are named) that a profile matches.
 
-    ``profile_name`` forces one profile (its selectors still apply); ``limit``
-    stops after that many series were normalized (the scheduled sweep).
+    ``profile_name`` forces one profile (its selectors still apply). With
+    ``jobs`` > 1 series are normalized in that many forked processes, each
+    committing its own (writers that lose a race run again, as ingest's do).
     """
     profile = _named_profile(archive, profile_name) if profile_name else None
-    results = []
-    done = 0
-    for series_id in original_series_ids(archive, study_uids, study_ids):
-        try:
-            result = normalize_series(archive, series_id, profile=profile, dry_run=dry_run, job_id=job_id,
-                                      sources=sources, codec=codec)
-        except Exception as exc:  # one series that cannot be normalized must not stop the others (originals are safe)
-            if is_transient(exc):
-                raise
-            _log.exception("normalizing series %d failed", series_id)
-            result = SeriesNormalization("", str(series_id), None, NormalizeOutcome.FAILED,
-                                         reason=f"{type(exc).__name__}: {exc}")
-            with archive.unit_of_work() as uow:
-                row = uow.session.get(Series, series_id)
-                if row is not None:
-                    result.source_series_uid = row.series_uid
-                    result.study_uid = uow.session.scalar(select(Study.study_uid).where(Study.id == row.study_id)) or ""
-        results.append(result)
-        done += result.outcome is NormalizeOutcome.NORMALIZED
-        if limit is not None and done >= limit:
-            break
-    return results
+    series_ids = original_series_ids(archive, study_uids, study_ids)
+    options = _Options(profile, dry_run, job_id, tuple(sources), codec)
+    if jobs <= 1 or len(series_ids) < 2:
+        return [_normalize_isolated(archive, series_id, options) for series_id in series_ids]
+    workers = min(jobs, len(series_ids))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                             initializer=_start_normalizer, initargs=(archive,)) as pool:
+        return list(pool.map(_normalize_in_child, series_ids, [options] * len(series_ids)))
+
+
+@dataclass(frozen=True)
+class _Options:
+    profile: NormalizeProfile | None
+    dry_run: bool
+    job_id: int | None
+    sources: tuple[str, ...]
+    codec: dict[str, Any] | None
+
+
+def _normalize_isolated(archive: Archive, series_id: int, options: _Options) -> SeriesNormalization:
+    """One series; an error becomes a FAILED result (logged): it must not stop the others, the original is safe."""
+    try:
+        return normalize_series(archive, series_id, profile=options.profile, dry_run=options.dry_run,
+                                job_id=options.job_id, sources=options.sources, codec=options.codec)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        _log.exception("normalizing series %d failed", series_id)
+        result = SeriesNormalization("", str(series_id), None, NormalizeOutcome.FAILED,
+                                     reason=f"{type(exc).__name__}: {exc}")
+        with archive.unit_of_work() as uow:
+            row = uow.session.get(Series, series_id)
+            if row is not None:
+                result.source_series_uid, result.modality = row.series_uid, row.modality
+                result.study_uid = uow.session.scalar(select(Study.study_uid).where(Study.id == row.study_id)) or ""
+        return result
+
+
+_child_archive: Archive | None = None
+
+
+def _start_normalizer(parent: Archive) -> None:
+    """A forked normalizing process: its own engine (the parent's connections stay the parent's)."""
+    global _child_archive
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the parent decides
+    parent.engine.dispose(close=False)
+    _child_archive = Archive.open(parent.settings, migrate=False)
+
+
+def _normalize_in_child(series_id: int, options: _Options) -> SeriesNormalization:
+    assert _child_archive is not None
+    return _normalize_isolated(_child_archive, series_id, options)
 
 
 def normalize_series(archive: Archive, series_id: int, *, profile: NormalizeProfile | None = None,
@@ -344,21 +379,25 @@ def _store(archive: Archive, source_series_id: int, images: Sequence[SourceImage
 
 
 def after_ingest(archive: Archive, *, study_uids: Sequence[str] = (), study_ids: Sequence[int] = (),
-                 job_id: int | None, sources: Sequence[str] = (),
-                 codec: dict[str, Any] | None = None) -> list[SeriesNormalization]:
+                 job_id: int | None, sources: Sequence[str] = (), codec: dict[str, Any] | None = None,
+                 jobs: int = 1) -> list[SeriesNormalization]:
     """The normalization step of an ingest job: every matching series of the studies it touched."""
     if not archive.settings.normalize or not (study_uids or study_ids):
         return []
     if study_uids:
         return normalize_studies(archive, study_uids=sorted(set(study_uids)), job_id=job_id, sources=sources,
-                                 codec=codec)
-    return normalize_studies(archive, study_ids=sorted(set(study_ids)), job_id=job_id, sources=sources, codec=codec)
+                                 codec=codec, jobs=jobs)
+    return normalize_studies(archive, study_ids=sorted(set(study_ids)), job_id=job_id, sources=sources, codec=codec,
+                             jobs=jobs)
 
 
 def job_sources(job: Job) -> list[str]:
     """What profiles' ``sources`` selectors see for a job: its source folders, calling AE, API token."""
     params = job.params or {}
     found = [str(p) for p in params.get("paths", [])]
+    if params.get("inbox"):  # a watcher's job: the inbox folders its files arrived in
+        inbox = Path(str(params["inbox"]))
+        found += sorted({str(inbox / Path(str(entry[0])).parent) for entry in params.get("files", [])} or {str(inbox)})
     if params.get("source_dir"):
         found.append(str(params["source_dir"]))
     if params.get("calling_ae"):

@@ -234,3 +234,36 @@ def test_corrections_reach_the_normalized_copies_and_deleting_a_source_takes_the
         assert uow.session.scalar(select(func.count()).select_from(Series)) == 0
     assert not verify_blobs(archive).problems
     archive.close()
+
+
+def test_profiles_see_where_a_job_came_from() -> None:
+    from archive.services.normalization import job_sources
+
+    watched = Job(kind=JobKind.INGEST, params={"inbox": "/srv/inbox", "files": [["research/p1/a.dcm", "1.2"],
+                                                                                 ["research/p1/b.dcm", "1.2"]]})
+    assert job_sources(watched) == ["/srv/inbox/research/p1"]
+    network = Job(kind=JobKind.INGEST, params={"paths": ["/x"], "calling_ae": "CT_SCANNER", "token": "lab"})
+    assert job_sources(network) == ["/x", "ae:CT_SCANNER", "token:lab"]
+    research = NormalizeProfile("research", modalities=("CT",), sources=("/srv/inbox/research/*",), spacing_mm=1.0)
+    from archive.normalize.profiles import SeriesFacts
+
+    assert research.matches(SeriesFacts(modality="CT", sources=tuple(job_sources(watched))))
+    assert not research.matches(SeriesFacts(modality="CT", sources=tuple(job_sources(network))))
+
+
+def test_two_processes_normalize_what_one_does(tmp_path: Path, ct_folder: Path) -> None:
+    one = _open(tmp_path / "one")
+    two = _open(tmp_path / "two")
+    first = ingest_paths(one, [ct_folder], jobs=1)
+    second = ingest_paths(two, [ct_folder], jobs=2)
+    assert sorted((n.derived_series_uid, n.outcome.value, n.instances) for n in first.normalized) == \
+        sorted((n.derived_series_uid, n.outcome.value, n.instances) for n in second.normalized)
+    for archive, report in ((one, first), (two, second)):
+        got = [retrieve(archive, uid, tmp_path / f"out-{id(archive)}" / uid, variant=Variant.NORMALIZED)
+               for uid in sorted(report.studies)]
+        pixels = sorted(pydicom.dcmread(f.path).pixel_array.tobytes() for r in got for f in r.files)
+        if archive is one:
+            expected = pixels
+        assert pixels == expected and len(pixels) == 3
+    one.close()
+    two.close()
