@@ -24,7 +24,6 @@ class EncodingKind(str, enum.Enum):
     LOSSY = "lossy"
     PASSTHROUGH = "passthrough"  # the original compressed frames, as received
     WHOLE = "whole"  # the object kept whole (header blob), no frames
-    NORMALIZED = "normalized"
 
 
 class JobKind(str, enum.Enum):

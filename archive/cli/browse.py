@@ -86,13 +86,16 @@ def studies(
         return
     out = table(f"Studies ({len(page.studies)} of {page.matched})" if page.truncated else f"Studies ({page.matched})",
                 ("Study UID", UID_WIDTH), "patient", ("date", 8), ("mod", 5), ("inst", 5, "right"),
-                ("stored", 9, "right"), ("ratio", 5, "right"))
+                ("stored", 9, "right"), ("ratio", 5, "right"), ("norm", 4, "right"))
     for r in page.studies:
         patient = f"{r['patient_name'] or ''} ({r['patient_id'] or ''})" if r["patient_id"] else r["patient_name"] or ""
         out.add_row(short_uid(r["study_uid"]), cell(patient), r["study_date"] or "",
                     cell((r["modalities"] or "").replace("\\", ",")), str(r["instances"]), human(r["bytes_stored"]),
-                    f"{r['ratio'] or 0:.2f}")
+                    f"{r['ratio'] or 0:.2f}", str(r["derived_series"] or ""))
     console.print(out)
+    if any(r["derived_series"] for r in page.studies):
+        console.print("inst, stored, ratio: the originals; norm: normalized series, counted apart "
+                      "(`show` lists them, `get --variant normalized` retrieves them)", highlight=False)
 
 
 @app.command()

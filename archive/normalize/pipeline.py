@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from archive.dicom.derive import attach_pixels, derive_header, derived_instance_uid, params_sha256
 from archive.dicom.geometry import PlaneGeometry, plane_geometries
 from archive.dicom.uids import derived_uid
-from archive.normalize.grid import Interpolation, SpacingKind, StackWarning
+from archive.normalize.grid import Interpolation, StackWarning
 from archive.normalize.plan import PlanePlan, PlaneTarget, plan_plane, plan_slices
 from archive.normalize.profiles import SEGMENTATION_SOP_CLASSES, NormalizeProfile
 from archive.normalize.resample import resample_plane, resample_slices, round_trip_error
@@ -216,8 +216,6 @@ def base_plane_at(base: PlaneGeometry, normal: np.ndarray, offset_mm: float) -> 
 
 
 def _replace_position(plane: PlaneGeometry, position: tuple[float, float, float]) -> PlaneGeometry:
-    from dataclasses import replace
-
     return replace(plane, position=position)
 
 
@@ -311,5 +309,5 @@ def _mm(spacing: tuple[float, float] | None) -> str:
     return f"{spacing[0]:.6g} x {spacing[1]:.6g}"
 
 
-__all__ = ["DerivedImage", "NormalizedSeries", "SourceImage", "SpacingKind", "derived_series_uid",
+__all__ = ["DerivedImage", "NormalizedSeries", "SourceImage", "derived_series_uid",
            "normalize_series_images"]

@@ -20,7 +20,7 @@ from archive.clock import local_time_now
 from archive.codecs import get_codec
 from archive.config import Settings
 from archive.errors import ArchiveError, InstanceTimeLimitExceeded
-from archive.kinds import ItemOutcome, JobKind
+from archive.kinds import ItemOutcome, JobKind, NormalizeOutcome
 from archive.services.deadlines import fault_point, instance_deadline
 from archive.services.failures import is_transient
 from archive.services.leases import finish_item
@@ -180,8 +180,8 @@ def _normalize_one(archive: Archive, item_id: int) -> ItemResult:
         try:
             done = normalize_series(archive, series_id, job_id=job_id)
             status, error = ItemStatus.DONE, done.reason or None
-            outcome = {"normalized": ItemOutcome.NORMALIZED, "unchanged": ItemOutcome.UNCHANGED}.get(
-                done.outcome.value, ItemOutcome.SKIPPED)
+            outcome = {NormalizeOutcome.NORMALIZED: ItemOutcome.NORMALIZED,
+                       NormalizeOutcome.UNCHANGED: ItemOutcome.UNCHANGED}.get(done.outcome, ItemOutcome.SKIPPED)
         except Exception as exc:
             if is_transient(exc):
                 raise

@@ -10,6 +10,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from archive.kinds import NormalizeOutcome
+
 # Errors of the machine, not of the file: the task is retried, nothing is quarantined.
 TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EAGAIN, errno.ENOMEM, errno.ESTALE})
 
@@ -53,7 +55,7 @@ class IngestReport:
         """What ``jobs`` shows for a direct ingest: outcome value -> files, and ``files`` found in all."""
         counts = Counter(o.outcome.value for o in self.outcomes)
         counts.update(o.outcome.value for o in more)
-        normalized = sum(1 for n in self.normalized if n.outcome.value == "normalized")
+        normalized = sum(1 for n in self.normalized if n.outcome is NormalizeOutcome.NORMALIZED)
         return {**{o.value: counts.get(o.value, 0) for o in Outcome}, "files": self.files,
                 **({"normalized_series": normalized} if normalized else {})}
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from archive.catalog.models import FINAL_ITEM_STATUSES, EncodedFrame, Encoding, Instance, ItemStatus, Job, JobItem, JobStatus, JobTask
 from archive.clock import aware_utc, utcnow
-from archive.kinds import JobKind
+from archive.kinds import JobKind, NormalizeOutcome
 from archive.services.blobs import blob_refs
 from archive.services.job_kinds import handler_for, in_window
 from archive.services.leases import owner_is_dead, process_owner, reclaimable
@@ -92,7 +92,7 @@ def _normalize_finished_ingest(archive: Archive, job_id: int) -> int:
         study_ids = sorted(handler_for(job).studies_of(session, job))
         sources, codec = job_sources(job), job.params.get("codec")
     results = after_ingest(archive, study_ids=study_ids, job_id=job_id, sources=sources, codec=codec)
-    return sum(1 for r in results if r.outcome.value == "normalized")
+    return sum(1 for r in results if r.outcome is NormalizeOutcome.NORMALIZED)
 
 
 def is_direct(job: Job) -> bool:

@@ -193,6 +193,8 @@ def test_the_commands(tmp_path: Path, ct_folder: Path) -> None:
 
     dry = medarchive(home, "normalize", "--dry-run", "--profile", "ct", "--study", study_uid, normalize=None)
     assert dry.returncode == 0 and "unchanged" in dry.stdout, dry.stdout + dry.stderr
+    listed = medarchive(home, "studies")
+    assert "norm" in listed.stdout and "normalized series, counted apart" in listed.stdout, listed.stdout
     shown = medarchive(home, "show", study_uid)
     assert "normalized (ct, gen 1)" in shown.stdout and "derived (not counted above)" in shown.stdout, shown.stdout
     got = medarchive(home, "get", study_uid, "--variant", "normalized", "--out", str(tmp_path / "got"))
