@@ -79,8 +79,12 @@ def derived_series_uid(source_series_uid: str, params_sha: str, version: str) ->
 
 
 def normalize_series_images(sources: Sequence[SourceImage], profile: NormalizeProfile, *, version: str,
-                            plan_only: bool = False) -> NormalizedSeries:
-    """Normalize one series' images with ``profile`` (``plan_only``: geometry and checks, no pixels)."""
+                            plan_only: bool = False, kernel: Interpolation | None = None) -> NormalizedSeries:
+    """Normalize one series' images with ``profile`` (``plan_only``: geometry and checks, no pixels).
+
+    ``kernel`` overrides the profile's choice: a part of a series resampled apart from the rest uses the
+    kernel planned for the whole series.
+    """
     params = profile.params()
     params_sha = params_sha256({**params, "software_version": version})
     first = sources[0].dataset
@@ -103,7 +107,7 @@ def normalize_series_images(sources: Sequence[SourceImage], profile: NormalizePr
         return result
     label_map = _is_label_map(first)
     shrinking = all(min(plan.scale) >= 1.0 - 1e-9 for plan in plans)
-    kernel = profile.interpolation_for(shrinking, label_map)
+    kernel = kernel or profile.interpolation_for(shrinking, label_map)
     result.interpolation = kernel.value
     result.transform = {"plane": plans[0].as_dict(), "kernel": kernel.value,
                         "planes_differ": len({_plan_key(p) for p in plans}) > 1}

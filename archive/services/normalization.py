@@ -14,7 +14,9 @@ their source (``derived_from``) and counted apart in the study's totals.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import multiprocessing
 import signal
 import time
@@ -36,6 +38,7 @@ from archive.dicom.writer import attach_fragments, read_header, to_part10
 from archive.errors import ArchiveError, NotFoundError
 from archive.kinds import DerivationKind, NormalizeOutcome, StorageMode
 from archive.normalize.pipeline import NormalizedSeries, SourceImage, derived_series_uid, normalize_series_images
+from archive.normalize.grid import Interpolation
 from archive.normalize.profiles import NormalizeProfile, SeriesFacts, choose_profile
 from archive.services.blobs import read_blobs
 from archive.services.encoding import RECENT_FRAMES
@@ -112,12 +115,21 @@ def normalize_studies(archive: Archive, *, study_uids: Sequence[str] | None = No
     profile = _named_profile(archive, profile_name) if profile_name else None
     series_ids = original_series_ids(archive, study_uids, study_ids)
     options = _Options(profile, dry_run, job_id, tuple(sources), codec)
-    if jobs <= 1 or len(series_ids) < 2:
+    if jobs <= 1:
         return [_normalize_isolated(archive, series_id, options) for series_id in series_ids]
-    workers = min(jobs, len(series_ids))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                             initializer=_start_normalizer, initargs=(archive,)) as pool:
-        return list(pool.map(_normalize_in_child, series_ids, [options] * len(series_ids)))
+    # big series are split between the processes one after the other; small ones go to the processes whole
+    with archive.unit_of_work() as uow:
+        sizes = dict(uow.session.execute(select(Series.id, Series.num_instances).where(Series.id.in_(series_ids))).all())
+    big = [s for s in series_ids if sizes.get(s, 0) >= 2 * MIN_PART]
+    small = [s for s in series_ids if s not in set(big)]
+    results = {s: _normalize_isolated(archive, s, dataclasses.replace(options, jobs=jobs)) for s in big}
+    if len(small) > 1:
+        with ProcessPoolExecutor(min(jobs, len(small)), mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_start_normalizer, initargs=(archive,)) as pool:
+            results.update(zip(small, pool.map(_normalize_in_child, small, [options] * len(small))))
+    else:
+        results.update((s, _normalize_isolated(archive, s, options)) for s in small)
+    return [results[s] for s in series_ids]
 
 
 @dataclass(frozen=True)
@@ -127,13 +139,15 @@ class _Options:
     job_id: int | None
     sources: tuple[str, ...]
     codec: dict[str, Any] | None
+    jobs: int = 1  # processes one series may be split between
 
 
 def _normalize_isolated(archive: Archive, series_id: int, options: _Options) -> SeriesNormalization:
     """One series; an error becomes a FAILED result (logged): it must not stop the others, the original is safe."""
     try:
         return normalize_series(archive, series_id, profile=options.profile, dry_run=options.dry_run,
-                                job_id=options.job_id, sources=options.sources, codec=options.codec)
+                                job_id=options.job_id, sources=options.sources, codec=options.codec,
+                                jobs=options.jobs)
     except Exception as exc:
         if is_transient(exc):
             raise
@@ -166,10 +180,12 @@ def _normalize_in_child(series_id: int, options: _Options) -> SeriesNormalizatio
 
 def normalize_series(archive: Archive, series_id: int, *, profile: NormalizeProfile | None = None,
                      dry_run: bool = False, job_id: int | None = None, sources: Sequence[str] = (),
-                     codec: dict[str, Any] | None = None) -> SeriesNormalization:
+                     codec: dict[str, Any] | None = None, jobs: int = 1) -> SeriesNormalization:
     """Normalize one original series (a no-op when its current profile's series exists already).
 
     The copy is encoded with the profile's codec, else ``codec`` (the ingest's), else the archive's.
+    With ``jobs`` > 1 a big series resampled in-plane only is split between that many processes,
+    which resample and stage their part; this process commits the whole series at once.
     """
     started = time.perf_counter()
     with archive.unit_of_work() as uow:
@@ -217,21 +233,93 @@ def normalize_series(archive: Archive, series_id: int, *, profile: NormalizeProf
             return result
         images = _load_headers(uow, instances)
         plan = normalize_series_images(images, chosen, version=version, plan_only=True)
-        if not plan.skipped and not dry_run:  # pixels are read only when they will be resampled
+        codec_config = chosen.codec or codec or archive.settings.codec
+        split = not plan.skipped and not dry_run and chosen.slice_spacing_mm is None and jobs > 1 \
+            and len(instances) >= 2 * MIN_PART
+        if not plan.skipped and not dry_run and not split:  # pixels are read only when they will be resampled
             images = _decode(uow, instances, images)
-    if not images:
-        result.outcome, result.reason = NormalizeOutcome.SKIPPED, "no decodable images"
+        instance_ids = [i.id for i in instances]
+    if plan.skipped or dry_run:
+        _fill(result, plan)
+        result.outcome, result.reason = ((NormalizeOutcome.SKIPPED, plan.skipped or "") if plan.skipped
+                                         else (NormalizeOutcome.WOULD_NORMALIZE, ""))
         return result
-    made = plan if plan.skipped or dry_run else normalize_series_images(images, chosen, version=version)
-    _fill(result, made)
-    if made.skipped:
-        result.outcome, result.reason = NormalizeOutcome.SKIPPED, made.skipped
-    elif dry_run:
-        result.outcome = NormalizeOutcome.WOULD_NORMALIZE
+    work = _Part(series_id, chosen, version, Interpolation(plan.interpolation), codec_config, job_id)
+    if split:
+        parts = _split(instance_ids, jobs)
+        with ProcessPoolExecutor(len(parts), mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_start_normalizer, initargs=(archive,)) as pool:
+            done = list(pool.map(_normalize_part_in_child, [dataclasses.replace(work, instance_ids=ids)
+                                                            for ids in parts]))
+        made, staged = _merge([m for m, _ in done]), [item for _, items in done for item in items]
     else:
-        _store(archive, series_id, images, made, chosen.codec or codec or archive.settings.codec, job_id, result)
+        if not images:
+            result.outcome, result.reason = NormalizeOutcome.SKIPPED, "no decodable images"
+            return result
+        made, staged = _normalize_part(archive, work, images)
+    _fill(result, made)
+    result.instances = len(staged)
+    _commit(archive, series_id, made, staged, job_id, result)
     result.seconds = time.perf_counter() - started
     return result
+
+
+MIN_PART = 8  # instances below which a series is not split between processes
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Some instances of one series to resample and stage (a picklable order for a child process)."""
+
+    series_id: int
+    profile: NormalizeProfile
+    version: str
+    kernel: Interpolation
+    codec: dict[str, Any]
+    job_id: int | None
+    instance_ids: tuple[int, ...] = ()
+
+
+def _split(ids: Sequence[int], jobs: int) -> list[tuple[int, ...]]:
+    size = -(-len(ids) // jobs)
+    return [tuple(ids[start:start + size]) for start in range(0, len(ids), size)]
+
+
+def _normalize_part_in_child(part: _Part) -> tuple[NormalizedSeries, list[StagedInstance]]:
+    assert _child_archive is not None
+    archive = _child_archive
+    with archive.unit_of_work() as uow:
+        instances = list(uow.session.scalars(
+            select(Instance).where(Instance.id.in_(part.instance_ids))
+            .options(selectinload(Instance.encodings).selectinload(Encoding.frames)).order_by(Instance.id)))
+        order = {instance_id: n for n, instance_id in enumerate(part.instance_ids)}
+        instances.sort(key=lambda i: order[i.id])
+        images = _decode(uow, instances, _load_headers(uow, instances))
+    return _normalize_part(archive, part, images)  # staged blobs are durable (stage_files syncs)
+
+
+def _normalize_part(archive: Archive, part: _Part, images: Sequence[SourceImage]
+                    ) -> tuple[NormalizedSeries, list[StagedInstance]]:
+    """Resample, derive and stage these images; the made images are dropped once staged (they go back by pipe)."""
+    made = normalize_series_images(images, part.profile, version=part.version, kernel=part.kernel)
+    staged = _stage_made(archive, part.series_id, images, made, part.codec, part.job_id)
+    made.images = []
+    return made, staged
+
+
+def _merge(parts: Sequence[NormalizedSeries]) -> NormalizedSeries:
+    """One series' record from its parts: errors pooled over all the pixels, warnings once each."""
+    merged = dataclasses.replace(parts[0], images=[], warnings=list(dict.fromkeys(
+        w for part in parts for w in part.warnings)))
+    measured = [p for p in parts if p.error_pixels]
+    pixels = sum(p.error_pixels or 0 for p in measured)
+    if pixels:
+        merged.rmse = math.sqrt(sum((p.rmse or 0.0) ** 2 * (p.error_pixels or 0) for p in measured) / pixels)
+        merged.max_abs_error = max(p.max_abs_error or 0.0 for p in measured)
+    merged.error_pixels = pixels
+    merged.source_geometry = {**parts[0].source_geometry,
+                              "instances": sum(p.source_geometry.get("instances", 0) for p in parts)}
+    return merged
 
 
 def _named_profile(archive: Archive, name: str) -> NormalizeProfile:
@@ -334,20 +422,26 @@ def _make_current(archive: Archive, series_uid: str, source_series_id: int) -> N
         uow.commit()
 
 
-def _store(archive: Archive, source_series_id: int, images: Sequence[SourceImage], made: NormalizedSeries,
-           codec_config: dict[str, Any], job_id: int | None, result: SeriesNormalization) -> None:
+def _stage_made(archive: Archive, source_series_id: int, images: Sequence[SourceImage], made: NormalizedSeries,
+                codec_config: dict[str, Any], job_id: int | None) -> list[StagedInstance]:
+    """The made images staged like any instance (encoded, verified, blobs written), linked to their sources."""
     codec = get_codec(codec_config)
     parts = [MadeInstance(to_part10(image.dataset, image.dataset.file_meta.TransferSyntaxUID),
                           f"normalized:{made.profile}:{images[image.main_source].sop_instance_uid}")
              for image in made.images]
-    staged_or_not = stage_files(archive, parts, codec, job_id=job_id)
     staged: list[StagedInstance] = []
-    for item, image in zip(staged_or_not, made.images):
+    for item, image in zip(stage_files(archive, parts, codec, job_id=job_id), made.images):
         if isinstance(item, FileOutcome):  # a made instance never becomes a skip: that would be a bug
             raise ArchiveError(f"normalized instance could not be staged: {item.reason}")
         item.series["derived_from_id"] = source_series_id
         item.instance["derived_from_id"] = images[image.main_source].instance_id
         staged.append(item)
+    return staged
+
+
+def _commit(archive: Archive, source_series_id: int, made: NormalizedSeries, staged: Sequence[StagedInstance],
+            job_id: int | None, result: SeriesNormalization) -> None:
+    """The derived series' rows and its derivation, current from now on, in one transaction."""
 
     def work(uow: UnitOfWork) -> tuple[list[FileOutcome], list[int]]:
         outcomes = commit_staged_batch(uow, staged, job_id)
@@ -373,6 +467,7 @@ def _store(archive: Archive, source_series_id: int, images: Sequence[SourceImage
             session.flush()
         return [outcome for outcome, _ in outcomes], [sid for _, sid in outcomes if sid is not None]
 
+    archive.store.make_durable([ref for item in staged for ref in item.blobs])
     outcomes = write_counted(archive, work)
     result.outcome = NormalizeOutcome.NORMALIZED
     result.bytes_stored = sum(o.bytes_stored for o in outcomes if o.outcome is not Outcome.DUPLICATE)
