@@ -32,13 +32,9 @@ def debug_enabled() -> bool:
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as package_version
+    from archive import package_version
 
-    try:
-        return package_version("medarchive")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
+    return package_version() or "unknown (not installed)"
 
 
 def _print_version(value: bool) -> None:

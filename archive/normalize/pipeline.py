@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from archive.dicom.derive import attach_pixels, derive_header, derived_instance_uid, params_sha256
+from archive.dicom.derive import attach_pixels, derive_header, derived_instance_uid, derived_series_uid, params_sha256
 from archive.dicom.geometry import PlaneGeometry, plane_geometries
-from archive.dicom.uids import derived_uid
 from archive.normalize.grid import Interpolation, StackWarning
 from archive.normalize.plan import PlanePlan, PlaneTarget, plan_plane, plan_slices
 from archive.normalize.profiles import SEGMENTATION_SOP_CLASSES, NormalizeProfile
@@ -74,8 +73,9 @@ class NormalizedSeries:
     error_pixels: int | None = None
 
 
-def derived_series_uid(source_series_uid: str, params_sha: str, version: str) -> str:
-    return derived_uid("normalized-series", source_series_uid, params_sha, version)
+def profile_sha256(profile: NormalizeProfile, version: str) -> str:
+    """What the derived UIDs come from: the profile's full parameters and the software version."""
+    return params_sha256({**profile.params(), "software_version": version})
 
 
 def normalize_series_images(sources: Sequence[SourceImage], profile: NormalizeProfile, *, version: str,
@@ -86,7 +86,7 @@ def normalize_series_images(sources: Sequence[SourceImage], profile: NormalizePr
     kernel planned for the whole series.
     """
     params = profile.params()
-    params_sha = params_sha256({**params, "software_version": version})
+    params_sha = profile_sha256(profile, version)
     first = sources[0].dataset
     result = NormalizedSeries(profile=profile.name, params=params, params_sha256=params_sha, version=version,
                               series_uid=derived_series_uid(str(first.SeriesInstanceUID), params_sha, version))
@@ -176,23 +176,22 @@ def _derive_across(result: NormalizedSeries, sources: Sequence[SourceImage], ord
     """Resample an in-plane-normalized stack along its normal onto ``slice_plan``; error measured back on the source."""
     stack = np.stack([resampled[i][0] for i in order])
     base = plans[order[0]].output
-    positions = np.array([_position_along(plans[i].output, base) for i in order])  # mm from the first slice
-    first = float(slice_plan.positions[0])  # the slice plan holds absolute positions along the normal
-    targets = np.asarray(slice_plan.positions, dtype=np.float64) - first
+    # positions along the normal, as the slice plan gives them (in-plane resampling moves nothing along it)
+    positions = np.array([plans[i].output.slice_position() for i in order], dtype=np.float64)
+    targets = np.asarray(slice_plan.positions, dtype=np.float64)
     z_kernel = Interpolation.AREA if slice_plan.spacing > float(np.median(np.diff(positions))) else Interpolation.LINEAR
     if kernel is Interpolation.NEAREST:
         z_kernel = Interpolation.NEAREST
     volume, contributors = resample_slices(stack, positions, targets, z_kernel, pad_value=pad,
                                            value_range=value_range)
-    result.transform["slices"] = {"positions_mm": [float(p) for p in slice_plan.positions], "spacing_mm":
+    result.transform["slices"] = {"positions_mm": [float(p) for p in targets], "spacing_mm":
                                   float(slice_plan.spacing), "kernel": z_kernel.value, "source_positions_mm":
-                                  [float(p + first) for p in positions]}
+                                  [float(p) for p in positions]}
     images = []
-    normal = base.normal()
     for k, z in enumerate(targets):
         contributing = [order[j] for j in contributors[k]] or [order[int(np.argmin(np.abs(positions - z)))]]
         nearest = order[int(np.argmin(np.abs(positions - z)))]
-        plane = base_plane_at(base, normal, float(z))
+        plane = base.moved_to(float(z))
         source = sources[nearest]
         ds = derive_header(
             source.dataset, series_uid=result.series_uid,
@@ -212,22 +211,6 @@ def _derive_across(result: NormalizedSeries, sources: Sequence[SourceImage], ord
     return images, errors
 
 
-def base_plane_at(base: PlaneGeometry, normal: np.ndarray, offset_mm: float) -> PlaneGeometry:
-    """``base`` moved ``offset_mm`` along its normal."""
-    assert base.position is not None
-    moved = np.asarray(base.position, dtype=np.float64) + normal * offset_mm
-    return _replace_position(base, (float(moved[0]), float(moved[1]), float(moved[2])))
-
-
-def _replace_position(plane: PlaneGeometry, position: tuple[float, float, float]) -> PlaneGeometry:
-    return replace(plane, position=position)
-
-
-def _position_along(plane: PlaneGeometry, base: PlaneGeometry) -> float:
-    assert plane.position is not None and base.position is not None
-    return float(np.dot(np.asarray(plane.position) - np.asarray(base.position), base.normal()))
-
-
 def _frame_planes(ds: Dataset, plan: PlanePlan) -> list[PlaneGeometry]:
     """Per-frame output planes: the plan's plane moved to each source frame's position (enhanced multi-frame)."""
     frames = plane_geometries(ds)
@@ -239,9 +222,8 @@ def _frame_planes(ds: Dataset, plan: PlanePlan) -> list[PlaneGeometry]:
         if frame.position is None or first.position is None:
             out.append(plan.output)
             continue
-        shift = np.asarray(frame.position) - np.asarray(first.position)
-        moved = np.asarray(plan.output.position) + shift
-        out.append(_replace_position(plan.output, (float(moved[0]), float(moved[1]), float(moved[2]))))
+        moved = np.asarray(plan.output.position) + np.asarray(frame.position) - np.asarray(first.position)
+        out.append(replace(plan.output, position=(float(moved[0]), float(moved[1]), float(moved[2]))))
     return out
 
 
@@ -313,5 +295,4 @@ def _mm(spacing: tuple[float, float] | None) -> str:
     return f"{spacing[0]:.6g} x {spacing[1]:.6g}"
 
 
-__all__ = ["DerivedImage", "NormalizedSeries", "SourceImage", "derived_series_uid",
-           "normalize_series_images"]
+__all__ = ["DerivedImage", "NormalizedSeries", "SourceImage", "normalize_series_images", "profile_sha256"]

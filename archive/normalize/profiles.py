@@ -80,7 +80,8 @@ class NormalizeProfile:
     spacing_mm: float | None = None  # in-plane target; None with fit = "scale": the matrix alone decides
     slice_spacing_mm: float | None = None  # resample across slices too (stacks that allow it)
     fit: Fit = Fit.PAD_CROP
-    interpolation: str = "auto"  # "auto": area when shrinking, `enlarge` when enlarging, nearest for label maps
+    interpolation: Interpolation | None = None  # None ("auto"): area when shrinking, `enlarge` when enlarging,
+    #                                             nearest for label maps
     enlarge: Interpolation = Interpolation.CUBIC
     allow_upsample: bool = False
     pad_value: int | None = None  # stored value; None: Pixel Padding Value, else the modality's background
@@ -103,8 +104,8 @@ class NormalizeProfile:
         return True
 
     def interpolation_for(self, shrinking: bool, label_map: bool) -> Interpolation:
-        if self.interpolation != "auto":
-            return Interpolation(self.interpolation)
+        if self.interpolation is not None:
+            return self.interpolation
         if label_map:
             return Interpolation.NEAREST
         return Interpolation.AREA if shrinking else self.enlarge
@@ -116,6 +117,7 @@ class NormalizeProfile:
             values.pop(key)
         values["fit"] = self.fit.value
         values["enlarge"] = self.enlarge.value
+        values["interpolation"] = self.interpolation.value if self.interpolation else "auto"
         return values
 
 
@@ -172,8 +174,8 @@ def _profile(name: str, raw: Mapping[str, Any], base: NormalizeProfile | None) -
             values["fit"] = Fit(values["fit"])
         if "enlarge" in values:
             values["enlarge"] = Interpolation(values["enlarge"])
-        if "interpolation" in values and values["interpolation"] != "auto":
-            Interpolation(values["interpolation"])
+        if "interpolation" in values:
+            values["interpolation"] = None if values["interpolation"] == "auto" else Interpolation(values["interpolation"])
         if isinstance(values.get("codec"), str):
             values["codec"] = {"id": values["codec"]}
         for key in ("rows", "columns"):

@@ -398,7 +398,8 @@ def round_trip_error(
     valid = (valid_r[:, None] & valid_c[None, :]).reshape((rows.size, columns.size) + (1,) * (normalized.ndim - 2))
     # float32 throughout: this is a recorded statistic (float32 keeps 24 bits, ample for 16-bit samples)
     masked = np.where(valid, np.asarray(normalized, dtype=np.float32), np.float32(0.0))
-    weights = (w_rows.astype(np.float32), w_cols.astype(np.float32))
+    weights = (_cached_as(rows.size, back_rows, Interpolation.LINEAR, "float32"),
+               _cached_as(columns.size, back_cols, Interpolation.LINEAR, "float32"))
     pick: Any = (_band(keep_r), _band(keep_c))  # a rectangle in practice: slices, not fancy indexing
     if not isinstance(pick[0], slice) and not isinstance(pick[1], slice):
         pick = np.ix_(pick[0], pick[1])

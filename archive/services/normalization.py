@@ -31,14 +31,15 @@ from pydicom.uid import SecondaryCaptureImageStorage
 from sqlalchemy import select, update
 from sqlalchemy.orm import selectinload
 
+from archive import package_version
 from archive.catalog.models import Derivation, Encoding, Instance, InstanceStatus, Job, Series, Study
 from archive.codecs import decode_frame, get_codec
-from archive.dicom.derive import params_sha256
+from archive.dicom.derive import derived_series_uid
 from archive.dicom.writer import attach_fragments, read_header, to_part10
 from archive.errors import ArchiveError, NotFoundError
 from archive.kinds import DerivationKind, NormalizeOutcome, StorageMode
-from archive.normalize.pipeline import NormalizedSeries, SourceImage, derived_series_uid, normalize_series_images
 from archive.normalize.grid import Interpolation
+from archive.normalize.pipeline import NormalizedSeries, SourceImage, normalize_series_images, profile_sha256
 from archive.normalize.profiles import NormalizeProfile, SeriesFacts, choose_profile
 from archive.services.blobs import read_blobs
 from archive.services.encoding import RECENT_FRAMES
@@ -78,12 +79,7 @@ class SeriesNormalization:
 
 
 def software_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("medarchive")
-    except PackageNotFoundError:  # pragma: no cover - running from a tree that was never installed
-        return "0+unknown"
+    return package_version() or "0+unknown"  # a tree that was never installed
 
 
 def original_series_ids(archive: Archive, study_uids: Sequence[str] | None = None,
@@ -219,8 +215,7 @@ def normalize_series(archive: Archive, series_id: int, *, profile: NormalizeProf
             return result
         result.profile = chosen.name
         version = software_version()
-        expected = derived_series_uid(series.series_uid, params_sha256({**chosen.params(),
-                                                                         "software_version": version}), version)
+        expected = derived_series_uid(series.series_uid, profile_sha256(chosen, version), version)
         if uow.session.scalar(select(Series.id).where(Series.series_uid == expected)) is not None:
             result.derived_series_uid = expected
             result.outcome, result.reason = NormalizeOutcome.UNCHANGED, "normalized with this profile already"
@@ -479,10 +474,8 @@ def after_ingest(archive: Archive, *, study_uids: Sequence[str] = (), study_ids:
     """The normalization step of an ingest job: every matching series of the studies it touched."""
     if not archive.settings.normalize or not (study_uids or study_ids):
         return []
-    if study_uids:
-        return normalize_studies(archive, study_uids=sorted(set(study_uids)), job_id=job_id, sources=sources,
-                                 codec=codec, jobs=jobs)
-    return normalize_studies(archive, study_ids=sorted(set(study_ids)), job_id=job_id, sources=sources, codec=codec,
+    return normalize_studies(archive, study_uids=sorted(set(study_uids)) or None,
+                             study_ids=sorted(set(study_ids)) or None, job_id=job_id, sources=sources, codec=codec,
                              jobs=jobs)
 
 

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from archive.catalog.models import Derivation, Instance, InstanceStatus, ItemStatus, Job, JobItem, JobStatus, Series
 from archive.codecs import get_codec
@@ -109,7 +110,7 @@ def start_normalize_sweep(archive: Archive, dispatcher: Dispatcher, *, limit: in
     A series a job of this profile version has already handled (normalized,
     skipped with a reason, failed) is not chosen again until the profile changes.
     """
-    from archive.dicom.derive import params_sha256
+    from archive.normalize.pipeline import profile_sha256
     from archive.services.normalization import software_version
 
     settings = archive.settings
@@ -132,7 +133,7 @@ def start_normalize_sweep(archive: Archive, dispatcher: Dispatcher, *, limit: in
             for profile in settings.normalize_profiles:
                 if not profile.enabled or profile.keep or budget <= 0:
                     continue
-                sha = params_sha256({**profile.params(), "software_version": version})
+                sha = profile_sha256(profile, version)
                 tag = normalize_policy_tag(profile.name, sha)
                 firsts = _normalize_candidates(session, profile.modalities, profile.body_parts, sha, tag, budget)
                 if not firsts:
@@ -150,7 +151,7 @@ def start_normalize_sweep(archive: Archive, dispatcher: Dispatcher, *, limit: in
     return report
 
 
-def _normalize_candidates(session: Any, modalities: tuple[str, ...], body_parts: tuple[str, ...], sha: str,
+def _normalize_candidates(session: Session, modalities: tuple[str, ...], body_parts: tuple[str, ...], sha: str,
                           tag: str, limit: int) -> list[tuple[str, int]]:
     """(series UID, first image instance id) of original series no job of ``tag`` has seen, without a series
     of this profile version."""
