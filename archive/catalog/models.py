@@ -49,6 +49,9 @@ class Base(DeclarativeBase):
 class InstanceStatus(str, enum.Enum):
     STORED = "stored"
     CONFLICT = "conflict"  # same SOP Instance UID as an earlier, different object
+    # its lossless pixels were released by a policy with keep_lossless = false: only a lossy derivative
+    # (an instance of a derived series, derived_from_id = this one) is held
+    LOSSY_ONLY = "lossy-only"
 
 
 class JobStatus(str, enum.Enum):
@@ -224,6 +227,10 @@ class Encoding(Base):
     derived_from_id: Mapped[int | None] = mapped_column(ForeignKey("encodings.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     released_at: Mapped[datetime | None]  # superseded: its frame rows are gone, the GC frees the blobs
+    # the side blob every frame of this encoding decodes with (a basis, a codebook), fitted on the series
+    context_blob: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), index=True)
+    max_error_bound: Mapped[int | None]  # what the codec promised per pixel: 0 lossless, None no bound
+    fallback_reason: Mapped[str | None] = mapped_column(Text)  # why the configured codec was not kept
 
     instance: Mapped[Instance] = relationship(back_populates="encodings", foreign_keys=[instance_id])
     frames: Mapped[list[EncodedFrame]] = relationship(
@@ -277,6 +284,20 @@ class Derivation(Base):
     error_pixels: Mapped[int | None]  # source pixels both grids cover, over which the error was measured
     num_instances: Mapped[int] = mapped_column(default=0)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CodecTrial(Base):
+    """What ``auto`` tried on a sample of a series, and the codec it chose for the whole series."""
+
+    __tablename__ = "codec_trials"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    config: Mapped[dict[str, Any]]  # the auto codec's configuration
+    winner: Mapped[dict[str, Any]]  # the chosen codec's configuration
+    result: Mapped[dict[str, Any]]  # every candidate's bytes and times on the sample
+    sampled: Mapped[int] = mapped_column(default=0)  # instances encoded in the trial
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

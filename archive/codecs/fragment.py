@@ -53,7 +53,6 @@ class FragmentCodec(Codec):
     """Decodes kept original fragments; refuses to encode (see :func:`wrap_fragment`)."""
 
     codec_id: ClassVar[str] = "dicom-fragment"
-    lossless: ClassVar[bool] = True
     config_class: ClassVar[type[CodecConfig]] = FragmentConfig
 
     @classmethod
@@ -63,11 +62,11 @@ class FragmentCodec(Codec):
     def _library_versions(self) -> dict[str, str]:
         return {"pydicom": dist_version("pydicom")}
 
-    def _encode_payload(self, arr: Pixels) -> EncodedPayload | None:
+    def _encode_payload(self, arr: Pixels, context: bytes | None) -> EncodedPayload | None:
         raise CodecError("dicom-fragment cannot encode pixels; staging wraps an original fragment instead")
 
     @classmethod
-    def decode_payload(cls, payload: bytes, header: FrameHeader) -> Pixels:
+    def decode_payload(cls, payload: bytes, header: FrameHeader, context: bytes | None) -> Pixels:
         layout, fragment = _unpack(payload)
         ds = Dataset()
         ds.file_meta = FileMetaDataset()

@@ -24,7 +24,6 @@ class Htj2kConfig(CodecConfig):
 
 class Htj2kCodec(Codec):
     codec_id: ClassVar[str] = "htj2k"
-    lossless: ClassVar[bool] = True
     config_class: ClassVar[type[CodecConfig]] = Htj2kConfig
     __slots__ = ()
 
@@ -32,14 +31,14 @@ class Htj2kCodec(Codec):
     def config(self) -> Htj2kConfig:
         return cast(Htj2kConfig, self._config)
 
-    def _encode_payload(self, arr: Pixels) -> EncodedPayload | None:
+    def _encode_payload(self, arr: Pixels, context: bytes | None) -> EncodedPayload | None:
         if not is_gray_or_rgb(arr):
             return None
         payload = imagecodecs.htj2k_encode(arr, reversible=True, planar=False, rgb=arr.ndim == 3)
         return EncodedPayload(bytes(payload), arr.dtype)
 
     @classmethod
-    def decode_payload(cls, payload: bytes, header: FrameHeader) -> Pixels:
+    def decode_payload(cls, payload: bytes, header: FrameHeader, context: bytes | None) -> Pixels:
         return imagecodecs.htj2k_decode(payload, planar=False)
 
     def _library_versions(self) -> dict[str, str]:

@@ -25,7 +25,6 @@ class Jpeg2000Config(CodecConfig):
 
 class Jpeg2000Codec(Codec):
     codec_id: ClassVar[str] = "jpeg2000"
-    lossless: ClassVar[bool] = True
     config_class: ClassVar[type[CodecConfig]] = Jpeg2000Config
     __slots__ = ()
 
@@ -33,7 +32,7 @@ class Jpeg2000Codec(Codec):
     def config(self) -> Jpeg2000Config:
         return cast(Jpeg2000Config, self._config)
 
-    def _encode_payload(self, arr: Pixels) -> EncodedPayload | None:
+    def _encode_payload(self, arr: Pixels, context: bytes | None) -> EncodedPayload | None:
         if not is_gray_or_rgb(arr):
             return None
         payload = imagecodecs.jpeg2k_encode(
@@ -48,7 +47,7 @@ class Jpeg2000Codec(Codec):
         return EncodedPayload(bytes(payload), arr.dtype)
 
     @classmethod
-    def decode_payload(cls, payload: bytes, header: FrameHeader) -> Pixels:
+    def decode_payload(cls, payload: bytes, header: FrameHeader, context: bytes | None) -> Pixels:
         return imagecodecs.jpeg2k_decode(payload, planar=False, numthreads=1)
 
     def _library_versions(self) -> dict[str, str]:

@@ -32,7 +32,6 @@ class JpegLSConfig(CodecConfig):
 
 class JpegLSCodec(Codec):
     codec_id: ClassVar[str] = "jpegls"
-    lossless: ClassVar[bool] = True
     config_class: ClassVar[type[CodecConfig]] = JpegLSConfig
     __slots__ = ()
 
@@ -40,7 +39,7 @@ class JpegLSCodec(Codec):
     def config(self) -> JpegLSConfig:
         return cast(JpegLSConfig, self._config)
 
-    def _encode_payload(self, arr: Pixels) -> EncodedPayload | None:
+    def _encode_payload(self, arr: Pixels, context: bytes | None) -> EncodedPayload | None:
         if not is_gray_or_rgb(arr):
             return None
         rows, cols = arr.shape[0], arr.shape[1]
@@ -64,7 +63,7 @@ class JpegLSCodec(Codec):
         return EncodedPayload(bytes(payload), mapped.dtype, offset)
 
     @classmethod
-    def decode_payload(cls, payload: bytes, header: FrameHeader) -> Pixels:
+    def decode_payload(cls, payload: bytes, header: FrameHeader, context: bytes | None) -> Pixels:
         return imagecodecs.jpegls_decode(payload)
 
     def _library_versions(self) -> dict[str, str]:

@@ -28,7 +28,6 @@ class JpegXLConfig(CodecConfig):
 
 class JpegXLCodec(Codec):
     codec_id: ClassVar[str] = "jpegxl"
-    lossless: ClassVar[bool] = True
     config_class: ClassVar[type[CodecConfig]] = JpegXLConfig
     __slots__ = ()
 
@@ -36,7 +35,7 @@ class JpegXLCodec(Codec):
     def config(self) -> JpegXLConfig:
         return cast(JpegXLConfig, self._config)
 
-    def _encode_payload(self, arr: Pixels) -> EncodedPayload | None:
+    def _encode_payload(self, arr: Pixels, context: bytes | None) -> EncodedPayload | None:
         if not is_gray_or_rgb(arr):
             return None
         mapped, offset, bits = offset_to_unsigned(arr)
@@ -51,7 +50,7 @@ class JpegXLCodec(Codec):
         return EncodedPayload(bytes(payload), mapped.dtype, offset)
 
     @classmethod
-    def decode_payload(cls, payload: bytes, header: FrameHeader) -> Pixels:
+    def decode_payload(cls, payload: bytes, header: FrameHeader, context: bytes | None) -> Pixels:
         return imagecodecs.jpegxl_decode(payload, numthreads=1)
 
     def _library_versions(self) -> dict[str, str]:

@@ -1,30 +1,38 @@
-"""Codec lookup by id. Built-ins are listed explicitly in ``BUILTIN_CODECS``."""
+"""Codec lookup by id. Built-ins are named in ``BUILTIN_CODECS`` and imported when first used.
+
+Registration is lazy (id -> "module:Class") so that a heavy codec (scikit-learn,
+constriction, later PyTorch) costs nothing to a process that never uses it.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from archive.codecs.base import Codec
-from archive.codecs.fragment import FragmentCodec
-from archive.codecs.htj2k import Htj2kCodec
-from archive.codecs.jpeg2000 import Jpeg2000Codec
-from archive.codecs.jpegls import JpegLSCodec
-from archive.codecs.jpegxl import JpegXLCodec
-from archive.codecs.zstd import ZstdCodec
 from archive.errors import CodecError
 
-BUILTIN_CODECS: tuple[type[Codec], ...] = (
-    JpegLSCodec,
-    Jpeg2000Codec,
-    Htj2kCodec,
-    JpegXLCodec,
-    ZstdCodec,
-)
+#: Every built-in codec, by id: "module:Class". The lossless standard codecs come first.
+BUILTIN_CODECS: Final[dict[str, str]] = {
+    "jpegls": "archive.codecs.jpegls:JpegLSCodec",
+    "jpeg2000": "archive.codecs.jpeg2000:Jpeg2000Codec",
+    "htj2k": "archive.codecs.htj2k:Htj2kCodec",
+    "jpegxl": "archive.codecs.jpegxl:JpegXLCodec",
+    "zstd": "archive.codecs.zstd:ZstdCodec",
+    "pca": "archive.codecs.pca:PcaCodec",
+    "kmeans": "archive.codecs.kmeans:KMeansCodec",
+    "bounded": "archive.codecs.bounded:BoundedCodec",
+    "auto": "archive.codecs.auto:AutoCodec",
+    # decodes original lossless fragments kept at ingest; not configurable (from_config refuses)
+    "dicom-fragment": "archive.codecs.fragment:FragmentCodec",
+}
 
-_REGISTRY: dict[str, type[Codec]] = {cls.codec_id: cls for cls in BUILTIN_CODECS}
-# decodes original lossless fragments kept at ingest; not configurable, so not a built-in codec
-_REGISTRY[FragmentCodec.codec_id] = FragmentCodec
+#: The lossless standard codecs, in the order a trial lists them.
+LOSSLESS_STANDARD: Final[tuple[str, ...]] = ("jpegls", "jpeg2000", "htj2k", "jpegxl", "zstd")
+
+_LOADED: dict[str, type[Codec]] = {}
+_EXTRA: dict[str, type[Codec]] = {}
 
 C = TypeVar("C", bound=type[Codec])
 
@@ -40,23 +48,33 @@ def register_codec(cls: C) -> C:
     codec_id = getattr(cls, "codec_id", None)
     if not isinstance(codec_id, str) or not codec_id or not codec_id.isascii() or len(codec_id) > 255:
         raise CodecError(f"{cls.__name__} has no valid codec_id")
-    existing = _REGISTRY.get(codec_id)
+    existing = _EXTRA.get(codec_id) or (codec_class(codec_id) if codec_id in BUILTIN_CODECS else None)
     if existing is not None and existing is not cls:
         raise CodecError(f"codec id {codec_id!r} is already registered to {existing.__name__}")
-    _REGISTRY[codec_id] = cls
+    _EXTRA[codec_id] = cls
     return cls
 
 
 def registered_codecs() -> list[str]:
-    """Ids of every registered codec, sorted."""
-    return sorted(_REGISTRY)
+    """Ids of every registered codec (built-in or registered), sorted; nothing is imported."""
+    return sorted(set(BUILTIN_CODECS) | set(_EXTRA))
 
 
 def codec_class(codec_id: str) -> type[Codec]:
+    """The class of a codec id, importing its module on first use."""
+    cls = _LOADED.get(codec_id) or _EXTRA.get(codec_id)
+    if cls is not None:
+        return cls
+    target = BUILTIN_CODECS.get(codec_id)
+    if target is None:
+        raise CodecError(f"unknown codec id {codec_id!r}; known: {registered_codecs()}")
+    module_name, _, class_name = target.partition(":")
     try:
-        return _REGISTRY[codec_id]
-    except KeyError:
-        raise CodecError(f"unknown codec id {codec_id!r}; known: {registered_codecs()}") from None
+        loaded = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise CodecError(f"codec {codec_id!r} is not available: {exc}") from exc
+    _LOADED[codec_id] = loaded
+    return loaded  # type: ignore[no-any-return]
 
 
 def get_codec(config: Mapping[str, Any]) -> Codec:

@@ -20,7 +20,6 @@ class ZstdConfig(CodecConfig):
 
 class ZstdCodec(Codec):
     codec_id: ClassVar[str] = "zstd"
-    lossless: ClassVar[bool] = True
     config_class: ClassVar[type[CodecConfig]] = ZstdConfig
     __slots__ = ()
 
@@ -28,9 +27,9 @@ class ZstdCodec(Codec):
     def config(self) -> ZstdConfig:
         return cast(ZstdConfig, self._config)
 
-    def _encode_payload(self, arr: Pixels) -> EncodedPayload | None:
+    def _encode_payload(self, arr: Pixels, context: bytes | None) -> EncodedPayload | None:
         return EncodedPayload(zstd_encode_raw(arr, self.config.level), arr.dtype)
 
     @classmethod
-    def decode_payload(cls, payload: bytes, header: FrameHeader) -> Pixels:
+    def decode_payload(cls, payload: bytes, header: FrameHeader, context: bytes | None) -> Pixels:
         return zstd_decode_raw(payload, header.payload_dtype, header.shape)

@@ -29,21 +29,18 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, delete, exists, func, null, select, union_all, update
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from archive.catalog.models import (
     Blob,
-    EncodedFrame,
-    Encoding,
-    HeaderDictionary,
-    HeaderRevision,
     Instance,
     Series,
     Study,
 )
 from archive.errors import BlobCorruptError, BlobNotFoundError, NotFoundError
 from archive.services.blobs import blob_refs
+from archive.services.references import blob_references, is_referenced
 from archive.services.runtime import Archive
 from archive.store import BlobRef
 from archive.clock import aware_utc, utcnow
@@ -201,30 +198,8 @@ def verify_blobs(
 
 
 def _references(study_id: int | None) -> Select[tuple[str, int]]:
-    """(digest, instance id) for every blob reference: encoded frames, header blobs, header dictionaries.
-
-    A dictionary no instance uses yet is listed with instance id NULL (whole-archive runs only).
-    """
-    frames = select(EncodedFrame.blob_sha256.label("digest"), Encoding.instance_id.label("instance_id")).join(
-        Encoding, Encoding.id == EncodedFrame.encoding_id
-    )
-    headers = select(Instance.header_blob.label("digest"), Instance.id.label("instance_id"))
-    dictionaries = select(Instance.header_dictionary.label("digest"), Instance.id.label("instance_id")).where(
-        Instance.header_dictionary.is_not(None))
-    revisions = select(HeaderRevision.header_blob.label("digest"), HeaderRevision.instance_id.label("instance_id"))
-    revision_dictionaries = select(HeaderRevision.header_dictionary.label("digest"),
-                                   HeaderRevision.instance_id.label("instance_id")).where(
-        HeaderRevision.header_dictionary.is_not(None))
-    if study_id is not None:
-        in_study = select(Instance.id).join(Series, Series.id == Instance.series_id).where(Series.study_id == study_id)
-        frames = frames.where(Encoding.instance_id.in_(in_study))
-        headers = headers.where(Instance.id.in_(in_study))
-        dictionaries = dictionaries.where(Instance.id.in_(in_study))
-        revisions = revisions.where(HeaderRevision.instance_id.in_(in_study))
-        revision_dictionaries = revision_dictionaries.where(HeaderRevision.instance_id.in_(in_study))
-        return select(union_all(frames, headers, dictionaries, revisions, revision_dictionaries).subquery())
-    trained = select(HeaderDictionary.blob_sha256.label("digest"), null().label("instance_id"))
-    return select(union_all(frames, headers, dictionaries, revisions, revision_dictionaries, trained).subquery())
+    """(digest, instance id) for every blob reference (see :mod:`archive.services.references`)."""
+    return blob_references(study_id)
 
 
 def _attribute(session: Session, bad: dict[str, str], study_id: int | None) -> list[BlobProblem]:
@@ -259,15 +234,7 @@ def collect_garbage(
     cutoff = now - timedelta(seconds=grace_seconds)
     cutoff_ts = cutoff.timestamp()
     report = GcReport(dry_run=dry_run, grace_seconds=grace_seconds)
-    unreferenced = (
-        (Blob.created_at <= cutoff)
-        & ~exists().where(EncodedFrame.blob_sha256 == Blob.sha256)
-        & ~exists().where(Instance.header_blob == Blob.sha256)
-        & ~exists().where(Instance.header_dictionary == Blob.sha256)
-        & ~exists().where(HeaderDictionary.blob_sha256 == Blob.sha256)
-        & ~exists().where(HeaderRevision.header_blob == Blob.sha256)
-        & ~exists().where(HeaderRevision.header_dictionary == Blob.sha256)
-    )
+    unreferenced = (Blob.created_at <= cutoff) & ~is_referenced(Blob.sha256)
     with archive.unit_of_work() as uow:
         if dry_run:
             rows = uow.session.execute(select(Blob.sha256, Blob.size, Blob.pack).where(unreferenced)).all()

@@ -12,10 +12,11 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from archive.catalog.models import FINAL_ITEM_STATUSES, EncodedFrame, Encoding, Instance, ItemStatus, Job, JobItem, JobStatus, JobTask
+from archive.catalog.models import FINAL_ITEM_STATUSES, Instance, ItemStatus, Job, JobItem, JobStatus, JobTask
 from archive.clock import aware_utc, utcnow
 from archive.kinds import JobKind, NormalizeOutcome
 from archive.services.blobs import blob_refs
+from archive.services.references import blob_references
 from archive.services.job_kinds import handler_for, in_window
 from archive.services.leases import owner_is_dead, process_owner, reclaimable
 from archive.services.runtime import Archive
@@ -125,11 +126,8 @@ def close_orphaned_ingests(archive: Archive) -> list[int]:
 
 
 def _missing_blobs(archive: Archive, session: Session, job_id: int) -> list[str]:
-    digests = set(session.scalars(select(Instance.header_blob).where(Instance.job_id == job_id)))
-    digests.update(session.scalars(
-        select(EncodedFrame.blob_sha256).join(Encoding, EncodedFrame.encoding_id == Encoding.id)
-        .join(Instance, Encoding.instance_id == Instance.id).where(Instance.job_id == job_id, Encoding.is_current)
-    ))
+    references = blob_references(instance_ids=select(Instance.id).where(Instance.job_id == job_id)).subquery()
+    digests = {d for d in session.scalars(select(references.c.digest)) if d is not None}
     refs = blob_refs(session, digests)
     return sorted(d for d in digests if d not in refs or not archive.store.exists(refs[d]))
 

@@ -23,12 +23,12 @@ from archive.codecs import (
 )
 from archive.codecs.frame import pack_frame
 from archive.codecs.jpegls import JpegLSCodec
-from archive.codecs.registry import BUILTIN_CODECS
+from archive.codecs.registry import LOSSLESS_STANDARD
 from archive.codecs.zstd import ZstdCodec
 from archive.errors import CodecError
 from tests.conftest import shared_data
 
-CODEC_IDS = [cls.codec_id for cls in BUILTIN_CODECS]
+CODEC_IDS = list(LOSSLESS_STANDARD)
 DTYPE_BITS = [(dt, bits) for dt in ("uint8", "int8", "uint16", "int16") for bits in range(1, np.dtype(dt).itemsize * 8 + 1)]
 
 
@@ -294,7 +294,7 @@ def test_unknown_codec_in_header_raises() -> None:
 
 def test_future_container_version_raises() -> None:
     data = bytearray(ZstdCodec().encode(np.zeros((2, 2), np.uint8)))
-    data[4] = 2
+    data[4] = 3
     with pytest.raises(CodecError, match="version"):
         read_frame_header(bytes(data))
 
