@@ -60,7 +60,15 @@ class RecompressPolicy:
     Modality in ``modalities`` (empty: any), StudyDate before
     ``study_date_before`` (YYYYMMDD) and/or archived more than
     ``archived_before_days`` ago. ``max_error`` is the largest per-pixel error
-    the new encoding may have against the original (0: lossless).
+    the new encoding may have against the original (0: lossless; a lossy
+    target's codec promises its own bound, which is always checked).
+
+    A lossy target (a codec configuration that is not lossless) never
+    replaces the original in place: it makes a lossy representation, a
+    derived series with new UIDs marked as lossy. ``keep_lossless`` (default
+    true) keeps the lossless original; only with false is it released.
+    ``min_psnr`` is a quality floor: an instance whose lossy encoding falls
+    below it (or beyond ``max_error``) stays lossless, and the job says why.
     """
 
     name: str
@@ -70,6 +78,8 @@ class RecompressPolicy:
     study_date_before: str | None = None
     archived_before_days: float | None = None
     max_error: float = 0.0
+    keep_lossless: bool = True
+    min_psnr: float | None = None
     window: str | None = None  # "HH:MM-HH:MM" local time; may wrap midnight; None = always
     batch_size: int = 200  # instances per sweep (the throttle)
     interval: float = 600.0  # seconds between scheduled sweeps

@@ -63,3 +63,11 @@ class UnavailableError(TransientError):
 
 class InstanceTimeLimitExceeded(ArchiveError):
     """One instance took longer than ``instance_time_limit``: it is quarantined, its series goes on."""
+
+
+class QualityError(ArchiveError):
+    """A lossy encoding broke its codec's promised bound or a policy's quality floor: the instance stays lossless."""
+
+
+class LossyOnlyError(NotFoundError):
+    """The lossless original was released by a policy; only a lossy derivative (named in the message) is held."""

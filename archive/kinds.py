@@ -38,6 +38,7 @@ class DerivationKind(str, enum.Enum):
     """What made a derived series (``derivations.kind``)."""
 
     NORMALIZED = "normalized"
+    LOSSY = "lossy"  # a lossy representation made by a re-compression policy with a lossy target
 
 
 class NormalizeOutcome(str, enum.Enum):
@@ -52,10 +53,11 @@ class NormalizeOutcome(str, enum.Enum):
 
 
 class Variant(str, enum.Enum):
-    """Which series of a study to retrieve: the originals (default), the current normalized ones, or both."""
+    """Which series of a study to retrieve: the originals (default), the current normalized or lossy ones, or all."""
 
     ORIGINAL = "original"
     NORMALIZED = "normalized"
+    LOSSY = "lossy"
     ALL = "all"
 
 

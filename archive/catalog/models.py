@@ -293,7 +293,8 @@ class CodecTrial(Base):
     __tablename__ = "codec_trials"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    # by UID, not id: the trial runs while the series is being staged, before its row exists
+    series_uid: Mapped[str] = mapped_column(String(128), index=True)
     config: Mapped[dict[str, Any]]  # the auto codec's configuration
     winner: Mapped[dict[str, Any]]  # the chosen codec's configuration
     result: Mapped[dict[str, Any]]  # every candidate's bytes and times on the sample

@@ -121,7 +121,8 @@ def show(
         derivation = series["derivation"]
         heading = ""
         if derivation:
-            heading = (f" · normalized ({derivation['profile']}, gen {derivation['generation']}"
+            made = "lossy" if derivation["kind"] == "lossy" else "normalized"
+            heading = (f" · {made} ({derivation['profile']}, gen {derivation['generation']}"
                        f"{'' if derivation['current'] else ', superseded'}) of {short_uid(series['derived_from'], 20)}")
         out = table(f"Series {series['series_number'] if series['series_number'] is not None else '-'} "
                     f"{series['modality'] or ''} {cell(series['description'] or '')} "
@@ -138,15 +139,28 @@ def show(
                     error = f"{enc['psnr']:.1f} dB" if enc["psnr"] is not None else f"±{enc['max_abs_error']:g}"
                 ran = ",".join(enc["actual_codecs"])
                 codec = enc["codec"] if not ran or ran == enc["codec"] else f"{enc['codec']}>{ran}"
+                if enc["max_error_bound"] not in (None, 0):
+                    error += f" ≤{enc['max_error_bound']}"
+                state = inst["status"] if enc["current"] else ("released" if enc["released"] else "old")
                 out.add_row(short_uid(inst["sop_instance_uid"]), inst["storage_mode"], cell(codec),
-                            human(enc["bytes_after"]), f"{enc['ratio']:.2f}", error,
-                            inst["status"] if enc["current"] else "old")
+                            human(enc["bytes_after"]), f"{enc['ratio']:.2f}", error, state)
         console.print(out)
         if derivation:
             console.print("  " + _derivation_line(derivation), highlight=False, soft_wrap=True)
+        released = sum(1 for inst in series["instances"] if inst["status"] == "lossy-only")
+        if released:
+            console.print(f"  {released} instance(s) lossy-only: their lossless originals were released by a policy; "
+                          "`medarchive get --allow-lossy` gives their lossy derivatives (listed in the lossy series)",
+                          highlight=False, soft_wrap=True)
 
 
 def _derivation_line(derivation: dict[str, Any]) -> str:
+    if derivation["kind"] == "lossy":
+        params = derivation["params"]
+        kept = "kept" if params.get("keep_lossless", True) else "released"
+        context = f"; series context blob {params['context_blob'][:12]}…" if params.get("context_blob") else ""
+        return (f"lossy representation: codec {json.dumps(params.get('codec'))}, policy {params.get('policy')}, "
+                f"lossless originals {kept}{context}")
     target = derivation["target_geometry"]
     spacing = target.get("spacing")
     grid = f"{target.get('rows')}x{target.get('columns')}" + (f" at {spacing[1]:.4g} mm" if spacing else " (no spacing)")
@@ -169,14 +183,17 @@ def get(
     keep_going: Annotated[bool, typer.Option(
         "--keep-going", help="Write every readable instance and list the damaged ones (exit 1) instead of stopping.")] = False,
     variant: Annotated[Variant, typer.Option(
-        "--variant", help="For a study: its original series, its current normalized series, or all of them.")
+        "--variant", help="For a study: its original series, its current normalized or lossy series, or all.")
     ] = Variant.ORIGINAL,
+    allow_lossy: Annotated[bool, typer.Option(
+        "--allow-lossy", help="Where a policy released an original's lossless form, write its lossy derivative "
+        "(under the derivative's own UID) instead of leaving it out.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Write a study's (or one series') instances as DICOM Part 10 files."""
     with open_archive(read_only=True) as archive:
         report = retrieve(archive, uid, out, transfer_syntax=transfer_syntax, include_conflicts=include_conflicts,
-                          keep_going=keep_going, variant=variant)
+                          keep_going=keep_going, variant=variant, allow_lossy=allow_lossy)
     if as_json:
         console.print_json(json.dumps(_retrieve_dict(report, out)))
     else:
@@ -186,6 +203,13 @@ def get(
         for f in report.files:
             if f.note:
                 console.print(f"  {cell(f.path.name)}: {cell(f.note)}", highlight=False, soft_wrap=True)
+    if report.lossy_only:
+        verb = "written instead" if allow_lossy else "NOT written (use --allow-lossy)"
+        held = table(f"{len(report.lossy_only)} original(s) held only as lossy derivatives: {verb}",
+                     ("original", UID_WIDTH), ("lossy derivative", UID_WIDTH))
+        for original, derivative in report.lossy_only:
+            held.add_row(original, derivative or "(none)")
+        err_console.print(held)
     if report.unreadable:
         damaged = table(f"{len(report.unreadable)} instance(s) could not be read", ("instance", UID_WIDTH),
                         ("series", UID_WIDTH), ("problem", 7), "error")
@@ -204,6 +228,8 @@ def _retrieve_dict(report: RetrieveReport, out: Path) -> dict[str, Any]:
                    "source_path": f.source_path, "note": f.note} for f in report.files],
         "unreadable": [{"sop_instance_uid": u.sop_instance_uid, "series_uid": u.series_uid, "problem": u.problem,
                         "error": u.error} for u in report.unreadable],
+        "lossy_only": [{"sop_instance_uid": original, "lossy_derivative": derivative}
+                       for original, derivative in report.lossy_only],
     }
 
 

@@ -157,6 +157,8 @@ def _print_plan(plan: RecompressPlan) -> None:
                   highlight=False)
     console.print(f"  target: {plan.target.get('id', '?')} {json.dumps(target) if target else ''}".rstrip(),
                   highlight=False)
+    console.print(f"  this {plan.words}", highlight=False, soft_wrap=True,
+                  style="bold red" if plan.lossy and not plan.keep_lossless else None)
     for label, counts in (("current codec", plan.by_codec), ("modality", plan.by_modality)):
         if counts:
             console.print(f"  by {label}: " + ", ".join(f"{k or '?'} {v}" for k, v in sorted(counts.items())),

@@ -194,8 +194,14 @@ class Codec(abc.ABC):
             header = FrameHeader(codec_id=codec_id, dtype=arr.dtype, shape=arr.shape, offset=encoded.offset,
                                  payload_dtype=encoded.payload_dtype.newbyteorder("<"), header_length=0,
                                  version=VERSION, lossy=True, context_sha256=context_sha256)
-            decoded = type(self).decode_payload(encoded.payload, header, context if context_sha256 else None)
-            reconstruction_crc = pixel_crc32(unmap(decoded, header, check=False))
+            try:
+                decoded = type(self).decode_payload(encoded.payload, header, context if context_sha256 else None)
+                reconstruction_crc = pixel_crc32(unmap(decoded, header, check=False))
+            except Exception as exc:  # a payload its own decoder refuses is never stored: lossless instead
+                _log.warning("%s cannot decode its own payload for %s %s (%s); falling back to zstd",
+                             codec_id, arr.dtype, arr.shape, exc)
+                codec_id, lossy, context_sha256 = "zstd", False, None
+                encoded = EncodedPayload(zstd_encode_raw(arr, FALLBACK_ZSTD_LEVEL), arr.dtype)
         frame = pack_frame(
             codec_id=codec_id,
             pixels=arr,

@@ -12,13 +12,13 @@ colour images we measured. Decoding uses imagecodecs (same CharLS, faster).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 
 import imagecodecs
 import jpeg_ls
 
 from archive.codecs._pixels import Pixels, is_gray_or_rgb, offset_to_unsigned
-from archive.codecs.base import Codec, CodecConfig, EncodedPayload, _strip, dist_version
+from archive.codecs.base import Codec, CodecConfig, EncodedPayload, _strip, check_int, dist_version
 from archive.codecs.frame import FrameHeader
 
 _MAX_DIM = 65535  # pyjpegls limit on rows and columns
@@ -27,7 +27,12 @@ _ILV_LINE = 1
 
 @dataclass(frozen=True)
 class JpegLSConfig(CodecConfig):
-    """JPEG-LS lossless has no parameters."""
+    """``near`` = 0 is lossless; N > 0 is JPEG-LS near-lossless: every sample within N of the original."""
+
+    near: int = 0
+
+    def validate(self) -> None:
+        check_int("near", self.near, 0, 255)
 
 
 class JpegLSCodec(Codec):
@@ -38,6 +43,14 @@ class JpegLSCodec(Codec):
     @property
     def config(self) -> JpegLSConfig:
         return cast(JpegLSConfig, self._config)
+
+    @property
+    def max_error(self) -> int:
+        return self.config.near
+
+    def get_config(self) -> dict[str, Any]:
+        """``{"id": "jpegls"}`` for the lossless default, as stored encodings have always recorded it."""
+        return {"id": self.codec_id} if self.config.near == 0 else super().get_config()
 
     def _encode_payload(self, arr: Pixels, context: bytes | None) -> EncodedPayload | None:
         if not is_gray_or_rgb(arr):
@@ -51,7 +64,7 @@ class JpegLSCodec(Codec):
             # Pixel-interleaved input is what CharLS wants for ILV 1 and 2
             # (pyjpegls' docstring claims colour-by-line input for ILV 1: wrong).
             payload = jpeg_ls.encode_buffer(
-                mapped.tobytes(), rows, cols, samples, max(2, bits), 0, 0 if samples == 1 else _ILV_LINE
+                mapped.tobytes(), rows, cols, samples, max(2, bits), self.config.near, 0 if samples == 1 else _ILV_LINE
             )
         except RuntimeError as exc:
             # pyjpegls sizes its output buffer at 2x the raw input; for tiny
@@ -59,7 +72,7 @@ class JpegLSCodec(Codec):
             # has no such limit (it writes P = 8 or 16, irrelevant at this size).
             if "too small" not in str(exc):
                 raise
-            payload = imagecodecs.jpegls_encode(mapped)
+            payload = imagecodecs.jpegls_encode(mapped, level=self.config.near or None)
         return EncodedPayload(bytes(payload), mapped.dtype, offset)
 
     @classmethod

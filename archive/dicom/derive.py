@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,8 @@ from archive.normalize.grid import SpacingKind
 
 #: Why the pixels differ from the source's (PS3.16 CID 7203 Image Derivation).
 SPATIAL_RESAMPLING: Code = codes.DCM.SpatialResampling  # 113085
+#: A lossy representation made from a lossless original (PS3.16 CID 7203).
+LOSSY_COMPRESSION: Code = codes.DCM.LossyCompression  # 113040
 #: What each source image was to the derived one (PS3.16 CID 7202 Source Image Purpose of Reference).
 SOURCE_FOR_PROCESSING: Code = codes.DCM.SourceImageForImageProcessingOperation  # 121322
 
@@ -103,6 +106,14 @@ def derived_series_uid(source_series_uid: str, params_sha: str, software_version
     return derived_uid("derived-series", source_series_uid, params_sha, software_version)
 
 
+@dataclass(frozen=True)
+class LossyCompression:
+    """What a lossy representation says of itself (PS3.3 C.7.6.1.1.5): ratio and method, appended to any earlier."""
+
+    ratio: float
+    method: str  # a defined term (ISO_14495_1 ...) where one fits, else a documented medarchive name
+
+
 def derive_header(
     source: Dataset,
     *,
@@ -118,10 +129,16 @@ def derive_header(
     slice_thickness: float | None = None,
     spacing_between_slices: float | None = None,
     pad_value: int | None = None,
+    derivation: Code = SPATIAL_RESAMPLING,
+    lossy: LossyCompression | None = None,
+    made_by: str = "profile",
 ) -> Dataset:
     """A new dataset from ``source``'s header for pixels on ``planes`` (one per frame); no Pixel Data yet.
 
-    ``source`` is left untouched; :func:`attach_pixels` adds the pixels.
+    ``source`` is left untouched; :func:`attach_pixels` adds the pixels. A
+    lossy representation (``lossy``) sets Lossy Image Compression "01" (never
+    reset once set) and appends its ratio and method to the source's.
+    ``made_by`` names what ``profile`` is ("profile", "policy").
     """
     if not planes:
         raise ValueError("a derived image needs at least one plane")
@@ -139,9 +156,13 @@ def derive_header(
         ds.ImageType = ["DERIVED", "PRIMARY"]  # the one value a SEG may have (PS3.3 C.8.20.2)
     else:
         ds.ImageType = ["DERIVED", "SECONDARY", *_values(source.get("ImageType"))[2:]]
-    text = f"medarchive profile {profile}: {description}"[:_DERIVATION_DESCRIPTION_MAX]
+    text = f"medarchive {made_by} {profile}: {description}"[:_DERIVATION_DESCRIPTION_MAX]
     ds.DerivationDescription = text
-    ds.DerivationCodeSequence = [_code_item(SPATIAL_RESAMPLING)]
+    ds.DerivationCodeSequence = [_code_item(derivation)]
+    if lossy is not None:
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionRatio = [*_values(source.get("LossyImageCompressionRatio")), _ds(lossy.ratio)]
+        ds.LossyImageCompressionMethod = [*_values(source.get("LossyImageCompressionMethod")), lossy.method]
     ds.SourceImageSequence = [_source_reference(item) for item in sources]
     _reference_instances(ds, sources)
     photometric = str(ds.get("PhotometricInterpretation") or "").strip()

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from archive.codecs import Codec, decode_frame, get_codec, read_frame_header
-from archive.errors import ArchiveError
+from archive.errors import ArchiveError, ConfigError, QualityError
 from archive.kinds import EncodingKind
 from archive.services.metrics import ErrorStats
 
@@ -61,6 +61,19 @@ class RecentFrames:
 RECENT_FRAMES = RecentFrames()
 
 
+def archive_codec(config: Mapping[str, Any]) -> Codec:
+    """The codec ingest stores originals with: it must be lossless (``auto`` chooses among lossless ones).
+
+    Lossy representations come only from a re-compression policy, as derived
+    series next to the original (see :mod:`archive.services.lossy`).
+    """
+    codec = get_codec(config)
+    if not codec.lossless:
+        raise ConfigError(f"the archive's codec must be lossless, not {codec.get_config()}: originals are kept "
+                          "exactly; a lossy representation comes from a re-compression policy (see the README)")
+    return codec
+
+
 def pixel_hash(frames: Iterable[np.ndarray]) -> str:
     """The pixel hash of decoded frames: dtype and shape, then the C-ordered values (no copy when contiguous).
 
@@ -83,23 +96,30 @@ def encode_frames(
     side_info: dict[str, Any],
     label: str,
     max_error: float | None = None,
+    context: bytes | None = None,
+    min_psnr: float | None = None,
 ) -> tuple[dict[str, Any], list[bytes]]:
     """Encode frames and decode each back to measure it; returns Encoding columns and the frame bytes.
 
     A lossless codec that does not round-trip a frame falls back to zstd
-    rather than store wrong pixels; a lossy one beyond ``max_error`` raises.
+    rather than store wrong pixels. A lossy one that breaks its own promised
+    bound, ``max_error`` or ``min_psnr`` raises :class:`QualityError`: the
+    caller keeps the instance lossless and records why. ``context`` is the
+    codec's side blob fitted on the series (see ``Codec.fit``).
     """
     fallback = get_codec({"id": "zstd"})
+    promised = codec.max_error
     stats = ErrorStats(peak=float(2**bits_stored - 1))
     actual: Counter[str] = Counter()
     offsets: list[int] = []
     encoded: list[bytes] = []
     encode_s = decode_s = 0.0
+    chosen: list[dict[str, Any]] = []
     for index, frame in enumerate(frames):
         t0 = time.perf_counter()
-        data = codec.encode(frame)
+        data, stats_of_frame = codec.encode_with_stats(frame, context)
         t1 = time.perf_counter()
-        decoded = decode_frame(data)
+        decoded = decode_frame(data, context)
         t2 = time.perf_counter()
         encode_s += t1 - t0
         decode_s += t2 - t1
@@ -111,16 +131,27 @@ def encode_frames(
             if not exact:
                 raise ArchiveError(f"frame {index} of {label} does not round-trip through zstd")
         stats.add(frame, decoded, exact=exact)
+        if stats_of_frame:
+            chosen.append(stats_of_frame)
         header = read_frame_header(data)
         actual[header.codec_id] += 1
         offsets.append(header.offset)
         encoded.append(data)
-    if max_error is not None and (stats.max_abs_error or 0.0) > max_error:
-        raise ArchiveError(f"{label}: {codec.codec_id} error {stats.max_abs_error} exceeds the bound {max_error}")
+    measured = stats.max_abs_error or 0.0
+    if promised is not None and measured > promised:
+        raise QualityError(f"{label}: {codec.codec_id} promised a per-pixel error of at most {promised} and made "
+                           f"{measured:g}")
+    if max_error is not None and measured > max_error:
+        raise QualityError(f"{label}: {codec.codec_id} error {measured:g} exceeds the bound {max_error:g}")
+    if min_psnr is not None and stats.psnr is not None and stats.psnr < min_psnr:
+        raise QualityError(f"{label}: {codec.codec_id} PSNR {stats.psnr:.2f} dB is below the floor {min_psnr:g} dB")
     side_info["value_offsets"] = offsets if len(offsets) <= 64 else {"min": min(offsets), "max": max(offsets)}
+    if chosen:  # what the codec chose: components kept, variance explained, k, WCSS, bytes per part
+        side_info["codec"] = chosen if len(chosen) <= 16 else {"frames": len(chosen), "first": chosen[0]}
     after = sum(len(d) for d in encoded)
     columns = dict(
         kind=EncodingKind.LOSSLESS if codec.lossless else EncodingKind.LOSSY,
+        max_error_bound=promised,
         codec_id=codec.codec_id,
         codec_config=codec.get_config(),
         actual_codecs=dict(actual),

@@ -29,15 +29,30 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from archive.catalog.models import FINAL_ITEM_STATUSES, ItemStatus, Job, JobItem, JobStatus, JobTask
+from archive.catalog.models import (
+    FINAL_ITEM_STATUSES,
+    ItemStatus,
+    Job,
+    JobItem,
+    JobStatus,
+    JobTask,
+)
 from archive.clock import utcnow
-from archive.codecs import Codec, get_codec
+from archive.codecs import Codec
 from archive.errors import NotFoundError, TransientError
 from archive.services.deadlines import fault_point, instance_deadline
+from archive.services.encoding import archive_codec
 from archive.services.failures import is_transient
-from archive.services.job_kinds import handler_for, in_window, item_result
-from archive.services.leases import claim_item, finish_item, lease_seconds, process_owner, reclaimable, release_claims
 from archive.services.header_dictionaries import SampleCollector
+from archive.services.job_kinds import handler_for, in_window, item_result
+from archive.services.leases import (
+    claim_item,
+    finish_item,
+    lease_seconds,
+    process_owner,
+    reclaimable,
+    release_claims,
+)
 from archive.services.outcomes import FileOutcome, Outcome
 from archive.services.quarantine import quarantine_unless_kept
 from archive.services.reconcile import finalize_job
@@ -46,6 +61,7 @@ from archive.services.runtime import Archive
 from archive.services.staging import StagedInstance, stage_files
 from archive.services.totals import write_counted
 from archive.services.unit_of_work import UnitOfWork
+
 
 @dataclass
 class TaskReport:
@@ -136,7 +152,7 @@ def _claim_chunk(archive: Archive, session: Session, task_id: int, job: Job, own
     paths = {item_id: Path(path or "") for item_id, path in session.execute(
         select(JobItem.id, JobItem.path).where(JobItem.task_id == task_id, JobItem.owner == owner,
                                                JobItem.status == ItemStatus.RUNNING).order_by(JobItem.id))}
-    return _BatchPlan(job_id=job.id, paths=paths, codec=get_codec(job.params.get("codec") or archive.settings.codec),
+    return _BatchPlan(job_id=job.id, paths=paths, codec=archive_codec(job.params.get("codec") or archive.settings.codec),
                       keep_skipped=job.spool_dir is None, busy=count - len(paths))
 
 

@@ -42,13 +42,18 @@ from sqlalchemy.orm import Session
 
 from archive.catalog.models import Job, JobStatus, Study
 from archive.clock import utcnow
-from archive.codecs import Codec, get_codec
+from archive.codecs import Codec
 from archive.config import Settings
 from archive.errors import ArchiveError
 from archive.kinds import JobKind
 from archive.services.deadlines import fault_point
 from archive.services.discovery import discover, is_hidden_or_temporary
-from archive.services.encoding import RECENT_FRAMES, encode_frames, pixel_hash
+from archive.services.encoding import (
+    RECENT_FRAMES,
+    archive_codec,
+    encode_frames,
+    pixel_hash,
+)
 from archive.services.header_dictionaries import SampleCollector
 from archive.services.leases import process_owner
 from archive.services.outcomes import (
@@ -61,7 +66,12 @@ from archive.services.outcomes import (
 from archive.services.quarantine import quarantine_file
 from archive.services.recording import commit_staged, commit_staged_batch
 from archive.services.runtime import Archive
-from archive.services.staging import StagedInstance, lookup_session, stage_file, stage_files
+from archive.services.staging import (
+    StagedInstance,
+    lookup_session,
+    stage_file,
+    stage_files,
+)
 from archive.services.totals import lost_race, write_counted
 from archive.services.unit_of_work import UnitOfWork
 
@@ -99,7 +109,7 @@ def ingest_paths(
     KeyboardInterrupt still marks the job interrupted before it propagates.
     """
     started = time.perf_counter()
-    codec = get_codec(codec_config or archive.settings.codec)
+    codec = archive_codec(codec_config or archive.settings.codec)
     files, report_skipped = discover(paths)
     if not files:
         raise ArchiveError(nothing_to_archive_message(paths, report_skipped))
@@ -434,7 +444,7 @@ def _start_stager(parent: Archive, codec_config: dict[str, Any], job_id: int | N
     settings: Settings = parent.settings
     archive = Archive.open(settings, migrate=False)
     archive.headers.refresh_seconds = 0.05  # the writer may train a dictionary any moment: look often
-    _stager = (archive, get_codec(codec_config), job_id, lookup_session(archive))
+    _stager = (archive, archive_codec(codec_config), job_id, lookup_session(archive))
 
 
 def _stage_chunk(paths: list[str]) -> list[StagedInstance | FileOutcome]:

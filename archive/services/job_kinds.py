@@ -17,11 +17,11 @@ from sqlalchemy.orm import Session
 
 from archive.catalog.models import Instance, ItemStatus, Job, JobItem, Series, Study
 from archive.clock import local_time_now
-from archive.codecs import get_codec
 from archive.config import Settings
 from archive.errors import ArchiveError, InstanceTimeLimitExceeded
 from archive.kinds import ItemOutcome, JobKind, NormalizeOutcome
 from archive.services.deadlines import fault_point, instance_deadline
+from archive.services.encoding import archive_codec
 from archive.services.failures import is_transient
 from archive.services.leases import finish_item
 from archive.services.outcomes import FileOutcome, Outcome
@@ -77,7 +77,7 @@ def _ingest_one(archive: Archive, item_id: int) -> ItemResult:
     fault_point(str(path))
     try:
         with instance_deadline(settings.instance_time_limit):
-            staged = stage_file(archive, path, get_codec(codec_config), job_id=job_id)
+            staged = stage_file(archive, path, archive_codec(codec_config), job_id=job_id)
     except InstanceTimeLimitExceeded as exc:
         staged = quarantine_file(archive, path, str(exc), type(exc).__name__, job_id=job_id)
     if isinstance(staged, FileOutcome):

@@ -411,7 +411,8 @@ def _make_current(archive: Archive, series_uid: str, source_series_id: int) -> N
         row = uow.session.scalar(select(Derivation).where(Derivation.series_id == derived))
         if row is None or row.is_current:
             return
-        uow.session.execute(update(Derivation).where(Derivation.source_series_id == source_series_id)
+        uow.session.execute(update(Derivation).where(Derivation.source_series_id == source_series_id,
+                                                     Derivation.kind == DerivationKind.NORMALIZED)
                             .values(is_current=False))
         row.is_current = True
         uow.commit()
@@ -444,11 +445,10 @@ def _commit(archive: Archive, source_series_id: int, made: NormalizedSeries, sta
         derived_id = session.scalar(select(Series.id).where(Series.series_uid == made.series_uid))
         assert derived_id is not None
         if session.scalar(select(Derivation.id).where(Derivation.series_id == derived_id)) is None:
-            generation = 1 + (session.scalar(select(Derivation.generation).where(
-                Derivation.source_series_id == source_series_id).order_by(Derivation.generation.desc()).limit(1))
-                or 0)
-            session.execute(update(Derivation).where(Derivation.source_series_id == source_series_id)
-                            .values(is_current=False))
+            normalized = (Derivation.source_series_id == source_series_id) & (Derivation.kind == DerivationKind.NORMALIZED)
+            generation = 1 + (session.scalar(select(Derivation.generation).where(normalized)
+                                             .order_by(Derivation.generation.desc()).limit(1)) or 0)
+            session.execute(update(Derivation).where(normalized).values(is_current=False))
             session.add(Derivation(
                 series_id=derived_id, source_series_id=source_series_id, kind=DerivationKind.NORMALIZED,
                 generation=generation, is_current=True, profile=made.profile, params=made.params,

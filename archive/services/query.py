@@ -282,6 +282,7 @@ def _instance_dict(instance: Instance) -> dict[str, Any]:
         "photometric": instance.photometric_interpretation,
         "source_size": instance.source_size,
         "assigned_uids": instance.assigned_uids,
+        "derived_from_instance": instance.derived_from_id,
         "encodings": [
             {
                 "generation": e.generation,
@@ -303,6 +304,10 @@ def _instance_dict(instance: Instance) -> dict[str, Any]:
                 "encode_ms": round(e.encode_ms, 3),
                 "decode_ms": round(e.decode_ms, 3),
                 "derived_from": e.derived_from_id,
+                "max_error_bound": e.max_error_bound,
+                "context_blob": e.context_blob,
+                "fallback_reason": e.fallback_reason,
+                "released": e.released_at is not None,
             }
             for e in instance.encodings
         ],

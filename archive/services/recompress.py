@@ -21,15 +21,16 @@ from typing import Any, NamedTuple, cast
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
-from archive.catalog.models import EncodedFrame, Encoding, Instance, InstanceStatus, Series, Study
+from archive.catalog.models import Derivation, EncodedFrame, Encoding, Instance, InstanceStatus, Series, Study
 from archive.kinds import EncodingKind, ItemOutcome, StorageMode
 from archive.codecs import decode_frame, get_codec
 from archive.config import RecompressPolicy
 from archive.errors import ArchiveError, BlobCorruptError, NotFoundError
 from archive.services.blobs import read_blobs, record_blobs
 from archive.services.encoding import encode_frames, pixel_hash
+from archive.services.lossy import derive_lossy, lossy_params
 from archive.services.runtime import Archive
 from archive.clock import aware_utc, utcnow
 from archive.services.totals import refresh_study_totals
@@ -64,9 +65,24 @@ class RecompressPlan:
     bytes_stored: int = 0  # pixel bytes of the current encodings that would be replaced
     by_codec: dict[str, int] = field(default_factory=dict)
     by_modality: dict[str, int] = field(default_factory=dict)
+    lossy: bool = False  # the target is lossy: it makes derived series, the originals stay under their UIDs
+    keep_lossless: bool = True  # with a lossy target and False: the lossless originals are released
+
+    @property
+    def words(self) -> str:
+        """What the policy would do to the originals, said plainly."""
+        if not self.lossy:
+            return (f"re-encodes {self.instances} instance(s) losslessly with {self.target.get('id')}; "
+                    "the previous encodings are released once the new ones are verified")
+        made = (f"makes a lossy derivative of {self.instances} instance(s) with {self.target.get('id')} "
+                "(new UIDs in derived series, marked Lossy Image Compression 01)")
+        if self.keep_lossless:
+            return made + "; the lossless originals are kept (keep_lossless = true)"
+        return (made + f"; keep_lossless = false: the LOSSLESS ORIGINALS OF {self.instances} INSTANCE(S) WILL BE "
+                f"RELEASED ({self.bytes_stored} bytes) and only the lossy derivatives held")
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "words": self.words}
 
 
 class _Candidate(NamedTuple):
@@ -98,9 +114,12 @@ def plan(session: Session, policy: RecompressPolicy, *, limit: int | None = None
          now: datetime | None = None) -> RecompressPlan:
     """Count what :func:`select_candidates` would return, without changing anything."""
     found = list(_candidates(session, policy, limit=limit, now=now, exclude=()))
+    target = target_config(policy)
     return RecompressPlan(
+        lossy=not get_codec(target).lossless,
+        keep_lossless=policy.keep_lossless,
         policy=policy.name,
-        target=target_config(policy),
+        target=target,
         instances=len(found),
         studies=len({c.study_id for c in found}),
         bytes_stored=sum(c.bytes_after for c in found),
@@ -115,6 +134,7 @@ def _candidates(session: Session, policy: RecompressPolicy, *, limit: int | None
     if limit is not None and limit <= 0:
         return
     target = target_config(policy)
+    lossy = not get_codec(target).lossless
     excluded = set(exclude)
     statement = (
         select(Instance.id, Series.study_id, Encoding.codec_id, Encoding.codec_config, Encoding.bytes_after,
@@ -129,6 +149,13 @@ def _candidates(session: Session, policy: RecompressPolicy, *, limit: int | None
         )
         .order_by(Instance.id)
     )
+    if lossy:  # candidates: originals without this policy's derivative yet
+        _, sha = lossy_params(policy)
+        derivative = aliased(Instance)
+        has_derivative = (select(derivative.derived_from_id)
+                          .join(Derivation, Derivation.series_id == derivative.series_id)
+                          .where(Derivation.params_sha256 == sha, derivative.derived_from_id.is_not(None)))
+        statement = statement.where(Instance.status == InstanceStatus.STORED, Instance.id.not_in(has_derivative))
     if policy.from_codecs:
         statement = statement.where(Encoding.codec_id.in_(policy.from_codecs))
     if policy.modalities:
@@ -145,7 +172,7 @@ def _candidates(session: Session, policy: RecompressPolicy, *, limit: int | None
         rows = session.execute(statement.where(Instance.id > last_id).limit(_SCAN_BATCH)).all()
         for instance_id, study_id, codec_id, config, bytes_after, modality in rows:
             last_id = instance_id
-            if instance_id in excluded or config == target:
+            if instance_id in excluded or (config == target and not lossy):
                 continue
             yield _Candidate(instance_id, study_id, codec_id, bytes_after, modality)
             found += 1
@@ -165,6 +192,10 @@ def recompress_instance(archive: Archive, instance_id: int, policy: RecompressPo
     """
     target = target_config(policy)
     codec = get_codec(target)
+    if not codec.lossless:  # never in place: a lossy representation is a derived instance with its own UID
+        made = derive_lossy(archive, instance_id, policy)
+        return RecompressResult(made.instance_id, made.outcome, made.reason, made.bytes_before, made.bytes_after,
+                                made.study_id)
     with archive.unit_of_work() as uow:
         instance = uow.session.get(Instance, instance_id)
         if instance is None:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from archive.catalog.models import Derivation, Encoding, Instance, InstanceStatus, Series, Study
-from archive.kinds import StorageMode, Variant
+from archive.kinds import DerivationKind, StorageMode, Variant
 from archive.codecs import decode_frame
 from archive.dicom.reader import PixelLayout
 from archive.dicom.uids import safe_component
@@ -27,7 +27,7 @@ from archive.dicom.writer import (
     read_header,
     to_part10,
 )
-from archive.errors import ArchiveError, BlobCorruptError, BlobNotFoundError, NotFoundError
+from archive.errors import ArchiveError, BlobCorruptError, BlobNotFoundError, LossyOnlyError, NotFoundError
 from archive.services.blobs import read_blob, read_blobs
 from archive.services.query import resolve_uid
 from archive.services.runtime import Archive
@@ -61,6 +61,8 @@ class RetrieveReport:
     files: list[RetrievedInstance] = field(default_factory=list)
     series_uid: str | None = None  # set when one series was asked for
     unreadable: list[UnreadableInstance] = field(default_factory=list)
+    # originals whose lossless form was released: (original SOP Instance UID, its lossy derivative's or None)
+    lossy_only: list[tuple[str, str | None]] = field(default_factory=list)
 
     @property
     def syntaxes(self) -> Counter[str]:
@@ -93,6 +95,7 @@ def retrieve(
     include_conflicts: bool = False,
     keep_going: bool = False,
     variant: Variant = Variant.ORIGINAL,
+    allow_lossy: bool = False,
 ) -> RetrieveReport:
     """Write a study's or one series' instances (``uid`` is either UID) as Part 10 files.
 
@@ -102,6 +105,11 @@ def retrieve(
     An instance whose blob is missing or corrupt stops the retrieval with an
     error naming it; with ``keep_going`` it is listed in ``unreadable`` and
     the rest is written.
+
+    An original whose lossless form a policy released is never written under
+    its own UID: it is listed in ``lossy_only`` with its lossy derivative,
+    which ``allow_lossy`` writes instead (under the derivative's own UID, in
+    the derivative's series folder).
     """
     if transfer_syntax not in TRANSFER_SYNTAX_CHOICES:
         raise ArchiveError(f"unknown transfer syntax {transfer_syntax!r}; choose from {', '.join(TRANSFER_SYNTAX_CHOICES)}")
@@ -119,9 +127,24 @@ def retrieve(
             .options(selectinload(Instance.series), selectinload(Instance.encodings).selectinload(Encoding.frames))
             .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
         ).all()
+        written: set[int] = set()
         for instance in instances:
             if instance.status is InstanceStatus.CONFLICT and not include_conflicts:
                 continue
+            if instance.id in written:
+                continue
+            if instance.status is InstanceStatus.LOSSY_ONLY:
+                from archive.services.lossy import lossy_derivative
+
+                derivative = lossy_derivative(uow.session, instance)
+                report.lossy_only.append((instance.sop_instance_uid,
+                                          derivative.sop_instance_uid if derivative else None))
+                if not allow_lossy or derivative is None:
+                    continue
+                instance = derivative
+                if instance.id in written:
+                    continue
+            written.add(instance.id)
             try:
                 data, syntax, note = instance_part10(uow, instance, transfer_syntax)
             except (BlobNotFoundError, BlobCorruptError) as exc:
@@ -146,14 +169,17 @@ def retrieve(
 
 
 def variant_filter(variant: Variant) -> Any:
-    """A condition on ``Series``: originals, current normalized (derived) series, or both."""
+    """A condition on ``Series``: originals, current normalized or lossy (derived) series, or all of them."""
     original = Series.derived_from_id.is_(None)
-    current = Series.id.in_(select(Derivation.series_id).where(Derivation.is_current))
     if variant is Variant.ORIGINAL:
         return original
+    current: Any = Derivation.is_current
     if variant is Variant.NORMALIZED:
-        return current
-    return original | current
+        current = current & (Derivation.kind == DerivationKind.NORMALIZED)
+    elif variant is Variant.LOSSY:
+        current = current & (Derivation.kind == DerivationKind.LOSSY)
+    derived = Series.id.in_(select(Derivation.series_id).where(current))
+    return derived if variant is not Variant.ALL else original | derived
 
 
 def instance_part10(uow: UnitOfWork, instance: Instance, transfer_syntax: str) -> tuple[bytes, UID, str]:
@@ -181,7 +207,8 @@ def instance_part10(uow: UnitOfWork, instance: Instance, transfer_syntax: str) -
         note = "" if transfer_syntax == "original" else "lossy original kept in its own transfer syntax"
         return _write(ds, original, original, note)
     layout = layout_of(instance)
-    attach_native_pixels(ds, [decode_frame(b) for b in blobs], layout)
+    context = read_blob(uow.session, uow.store, encoding.context_blob) if encoding.context_blob else None
+    attach_native_pixels(ds, [decode_frame(b, context) for b in blobs], layout)
     target = original_target(original) if transfer_syntax == "original" else OUTPUT_SYNTAXES[transfer_syntax]
     note = ""
     if transfer_syntax == "original" and target != original:
@@ -235,10 +262,23 @@ def read_frame(archive: Archive, sop_instance_uid: str, index: int) -> np.ndarra
             raise NotFoundError(f"no instance with SOP Instance UID {sop_instance_uid!r}")
         if instance.storage_mode is not StorageMode.PIXELS:
             raise ArchiveError(f"instance {sop_instance_uid} is stored {instance.storage_mode.value}, not as frames")
-        frames = current_encoding(instance).frames
+        if instance.status is InstanceStatus.LOSSY_ONLY:
+            raise _lossy_only(uow, instance)
+        encoding = current_encoding(instance)
+        frames = encoding.frames
         if not 0 <= index < len(frames):
             raise NotFoundError(f"instance {sop_instance_uid} has {len(frames)} frames, not {index + 1}")
-        return decode_frame(read_blob(uow.session, uow.store, frames[index].blob_sha256))
+        context = read_blob(uow.session, uow.store, encoding.context_blob) if encoding.context_blob else None
+        return decode_frame(read_blob(uow.session, uow.store, frames[index].blob_sha256), context)
+
+
+def _lossy_only(uow: UnitOfWork, instance: Instance) -> LossyOnlyError:
+    from archive.services.lossy import lossy_derivative  # lossy builds on retrieval's helpers
+
+    derivative = lossy_derivative(uow.session, instance)
+    named = f"{derivative.sop_instance_uid} (series {derivative.series.series_uid})" if derivative else "(none found)"
+    return LossyOnlyError(f"instance {instance.sop_instance_uid}: its lossless original was released by a "
+                          f"policy; only a lossy derivative is held: {named}")
 
 
 def _write_atomically(target: Path, data: bytes, root: Path) -> None:

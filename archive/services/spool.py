@@ -21,11 +21,17 @@ from sqlalchemy import select
 
 from archive.catalog.models import Job, JobStatus
 from archive.clock import utcnow
-from archive.codecs import get_codec
-from archive.services.jobs import Dispatcher, ItemSpec, create_job, dispatch, job_task_ids
+from archive.kinds import JobKind
+from archive.services.encoding import archive_codec
+from archive.services.jobs import (
+    Dispatcher,
+    ItemSpec,
+    create_job,
+    dispatch,
+    job_task_ids,
+)
 from archive.services.runtime import Archive
 from archive.store.blobstore import fsync_dir
-from archive.kinds import JobKind
 
 
 def spool_fingerprint(study_uid: str, files: Sequence[tuple[str, int, int]]) -> str:
@@ -58,7 +64,7 @@ def spool_study(
         if existing is None:
             job = Job(kind=JobKind.INGEST, status=JobStatus.SPOOLING, study_uid=study_uid or None, fingerprint=fingerprint,
                       params={"inbox": str(inbox), "files": [[r, series] for r, _, _, series in rels],
-                              "codec": get_codec(archive.settings.codec).get_config()})
+                              "codec": archive_codec(archive.settings.codec).get_config()})
             uow.session.add(job)
             uow.session.flush()
             job.spool_dir = str(archive.settings.spool_dir / f"job-{job.id}")

@@ -42,6 +42,7 @@ from archive.dicom.reader import (
 from archive.dicom.writer import canonical_header_sha256, read_header
 from archive.errors import ArchiveError, InstanceTimeLimitExceeded, InvalidDicomError, NotDicomError
 from archive.kinds import EncodingKind, StorageMode
+from archive.services.codec_choice import series_codecs
 from archive.services.encoding import RECENT_FRAMES, encode_frames, pixel_hash
 from archive.services.header_dictionaries import HeaderDictionaries, header_key
 from archive.services.outcomes import TRANSIENT_ERRNOS, FileOutcome, Outcome
@@ -65,6 +66,7 @@ class StagedInstance:
     encoding: dict[str, Any]  # Encoding columns
     header: BlobRef
     frames: list[BlobRef] = field(default_factory=list)
+    context: BlobRef | None = None  # the codec's side blob the frames decode with
     mode_reason: str = ""
     bytes_stored: int = 0
     header_key: str = ""  # modality and manufacturer: which header dictionary fits
@@ -107,7 +109,7 @@ class StagedInstance:
 
     @property
     def blobs(self) -> list[BlobRef]:
-        return [self.header, *self.frames]
+        return [self.header, *self.frames, *([self.context] if self.context is not None else [])]
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,20 @@ class MadeInstance:
 
     data: bytes
     label: str  # recorded as the instance's source_path, e.g. "normalized:ct:<source SOP Instance UID>"
+    encoded: PreEncoded | None = None  # frames already encoded (a lossy representation): stored as they are
+
+
+@dataclass(frozen=True)
+class PreEncoded:
+    """Frames a caller encoded itself (a lossy codec, perhaps with a context blob) and their Encoding columns.
+
+    Staging checks that they decode to the made instance's pixels, bit for
+    bit, and stores them instead of encoding the pixels again.
+    """
+
+    frames: list[bytes]
+    columns: dict[str, Any]
+    context: bytes | None = None
 
 
 Source = Path | MadeInstance
@@ -135,6 +151,7 @@ class _Read:
     pixel_sha256: str
     frames: list[np.ndarray] | None = None  # decoded stored values (PIXELS)
     fragments: list[bytes] | None = None  # original compressed frames (PASSTHROUGH, lossless compressed PIXELS)
+    encoded: PreEncoded | None = None  # a made instance's own encoding
 
     @property
     def pixel_bytes(self) -> int:
@@ -180,17 +197,21 @@ def stage_files(
 
         def write_pending() -> None:
             duplicates = find_duplicates(archive, lookups, [read for _, read in pending])
+            chosen = series_codecs(archive, codec, [  # auto: one trial per series, recorded
+                (read.parsed.series_uid, read.frames) for _, read in pending
+                if read.frames is not None and read.encoded is None and id(read) not in duplicates])
             for index, read in pending:
                 duplicate = duplicates.get(id(read))
+                own = chosen.get(read.parsed.series_uid, codec)
                 if duplicate is not None:
                     results[index] = duplicate
                 elif isinstance(paths[index], MadeInstance):
-                    results[index] = _write(archive.store, archive.headers, lookups, read, codec,
+                    results[index] = _write(archive.store, archive.headers, lookups, read, own,
                                             archive.settings.header_zstd_level)
                 else:
                     source = paths[index]
                     assert not isinstance(source, MadeInstance)
-                    write = partial(_stage_write, archive, lookups, read, codec, job_id)
+                    write = partial(_stage_write, archive, lookups, read, own, job_id)
                     results[index] = _guarded(archive, Path(source), job_id, guard, write)
             pending.clear()
 
@@ -277,7 +298,9 @@ def _read(path: Path) -> _Read:
 
 
 def _read_made(made: MadeInstance) -> _Read:
-    return _read_parsed(parse_instance(made.data, Path(made.label)))
+    read = _read_parsed(parse_instance(made.data, Path(made.label)))
+    read.encoded = made.encoded
+    return read
 
 
 def _read_parsed(parsed: ParsedInstance) -> _Read:
@@ -467,7 +490,10 @@ def _write(
     else:
         header_bytes, dictionary = headers.compress(header_key_of(parsed), read.header_part10, session)
         assert layout is not None
-        if mode is StorageMode.PIXELS:
+        if mode is StorageMode.PIXELS and read.encoded is not None:
+            assert read.frames is not None
+            encoding, encoded = _pre_encoded(read.encoded, read.frames, str(parsed.source_path), side_info)
+        elif mode is StorageMode.PIXELS:
             assert read.frames is not None
             encoding, encoded = encode_frames(codec, read.frames, layout.bits_stored, layout.total_pixels,
                                               layout.frame_bytes * layout.number_of_frames, side_info,
@@ -490,6 +516,10 @@ def _write(
                 encoding = _whole_encoding(parsed, whole, zstd_level, side_info)
     header = store.put(header_bytes)
     frames = [store.put(data) for data in encoded]
+    context = None
+    if read.encoded is not None and read.encoded.context is not None and mode is StorageMode.PIXELS:
+        context = store.put(read.encoded.context)
+        encoding["context_blob"] = context.digest
     if mode is StorageMode.PIXELS and read.frames is not None and encoding.get("max_abs_error") == 0 \
             and len(frames) == len(read.frames):  # exact: what decoding the blob gives back
         for ref, frame in zip(frames, read.frames):
@@ -506,11 +536,25 @@ def _write(
         encoding=encoding,
         header=header,
         frames=frames,
+        context=context,
         mode_reason=reason,
         bytes_stored=stored,
         header_key=header_key_of(parsed),
         fidelity=fidelity(parsed),
     )
+
+
+def _pre_encoded(pre: PreEncoded, frames: Sequence[np.ndarray], label: str, side_info: dict[str, Any]
+                 ) -> tuple[dict[str, Any], list[bytes]]:
+    """A made instance's own frames, checked to decode to its pixels exactly."""
+    if len(pre.frames) != len(frames):
+        raise ArchiveError(f"{label}: {len(pre.frames)} encoded frames for {len(frames)} frames of pixels")
+    for index, (data, frame) in enumerate(zip(pre.frames, frames)):
+        if not np.array_equal(decode_frame(data, pre.context), frame):
+            raise ArchiveError(f"{label}: encoded frame {index} does not decode to the instance's pixels")
+    columns = dict(pre.columns)
+    columns["side_info"] = {**side_info, **columns.get("side_info", {})}
+    return columns, list(pre.frames)
 
 
 def _whole_encoding(parsed: ParsedInstance, blob: bytes, zstd_level: int, side_info: dict[str, Any]) -> dict[str, Any]:

@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session
 
 from archive.catalog.models import Job, JobItem, JobStatus, JobTask
 from archive.clock import utcnow
-from archive.codecs import get_codec
 from archive.dicom.reader import peek_uids
 from archive.kinds import JobKind
 from archive.services.discovery import discover
+from archive.services.encoding import archive_codec
 from archive.services.failures import is_transient
 from archive.services.outcomes import FileOutcome
 from archive.services.runtime import Archive
@@ -132,7 +132,7 @@ def submit_paths(
     """
     files, skipped = discover(paths)
     groups = group_by_study(files)
-    codec = get_codec(archive.settings.codec).get_config()
+    codec = archive_codec(archive.settings.codec).get_config()
     job_ids: list[int] = []
     for study_uid, members in groups.items():  # each study is queued as soon as it is recorded
         with archive.unit_of_work() as uow:

@@ -36,22 +36,21 @@ def upgrade() -> None:
     op.create_table(
         "codec_trials",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("series_id", sa.Integer(), nullable=False),
+        sa.Column("series_uid", sa.String(length=128), nullable=False),
         sa.Column("config", sa.JSON(), nullable=False),
         sa.Column("winner", sa.JSON(), nullable=False),
         sa.Column("result", sa.JSON(), nullable=False),
         sa.Column("sampled", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["series_id"], ["series.id"], name=op.f("fk_codec_trials_series_id_series")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_codec_trials")),
     )
     with op.batch_alter_table("codec_trials", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_codec_trials_series_id"), ["series_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_codec_trials_series_uid"), ["series_uid"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("codec_trials", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_codec_trials_series_id"))
+        batch_op.drop_index(batch_op.f("ix_codec_trials_series_uid"))
     op.drop_table("codec_trials")
     with op.batch_alter_table("encodings", schema=None) as batch_op:
         batch_op.drop_constraint(batch_op.f("fk_encodings_context_blob_blobs"), type_="foreignkey")

@@ -1,0 +1,149 @@
+"""Lossy representations are honest DICOM and never lose the original by accident (real CT and MR)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from sqlalchemy import func, select
+
+from archive.catalog.models import Blob, Derivation, Encoding, Instance, InstanceStatus
+from archive.config import RecompressPolicy
+from archive.errors import ConfigError, LossyOnlyError
+from archive.kinds import DerivationKind, ItemOutcome, Variant
+from archive.services.ingest import Outcome, ingest_paths
+from archive.services.integrity import collect_garbage, verify_blobs
+from archive.services.lossy import lossy_method
+from archive.services.recompress import plan, recompress_instance, select_candidates
+from archive.services.retrieve import read_frame, retrieve
+from archive.services.runtime import Archive
+from tests.conftest import shared_data
+from tests.dicom_compare import stored_values
+
+NEAR2 = {"id": "jpegls", "near": 2}
+CT = shared_data() / "ct-chest-tcia" / "A002304" / "axial"
+
+
+def _ingest(archive: Archive, folder: Path, sources: list[Path]) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = {}
+    for source in sources:
+        target = folder / source.name
+        shutil.copyfile(source, target)
+        copies[str(dcmread(target, stop_before_pixels=True).SOPInstanceUID)] = target
+    report = ingest_paths(archive, list(copies.values()))
+    assert all(o.outcome is Outcome.STORED for o in report.outcomes), report.outcomes
+    return copies
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(stored_values(dcmread(path)))
+
+
+def _ids(archive: Archive) -> dict[str, int]:
+    with archive.unit_of_work() as uow:
+        return dict(uow.session.execute(select(Instance.sop_instance_uid, Instance.id)
+                                        .where(Instance.derived_from_id.is_(None))).all())
+
+
+def test_lossy_target_makes_a_derived_instance_and_keeps_the_original(sqlite_archive: Archive, tmp_path: Path) -> None:
+    archive = sqlite_archive
+    sources = sorted(CT.glob("*.dcm"))[:2]
+    copies = _ingest(archive, tmp_path / "in", sources)
+    policy = RecompressPolicy(name="near2", codec=NEAR2)
+    with archive.unit_of_work() as uow:
+        dry = plan(uow.session, policy)
+    assert dry.lossy and dry.keep_lossless and dry.instances == 2 and "kept" in dry.words
+    for sop, instance_id in _ids(archive).items():
+        result = recompress_instance(archive, instance_id, policy)
+        assert result.outcome is ItemOutcome.RECOMPRESSED, result.reason
+        again = recompress_instance(archive, instance_id, policy)
+        assert again.outcome is ItemOutcome.UNCHANGED
+        # the original is untouched and still bit-exact under its own UID
+        assert np.array_equal(read_frame(archive, sop, 0), _pixels(copies[sop]))
+    with archive.unit_of_work() as uow:
+        assert select_candidates(uow.session, policy, limit=None) == []
+        derivations = uow.session.scalars(select(Derivation)).all()  # these CT slices are one-instance series
+        assert len(derivations) == 2
+        assert all(d.kind is DerivationKind.LOSSY and d.num_instances == 1 and d.is_current for d in derivations)
+        lossy_rows = uow.session.scalars(select(Encoding).where(Encoding.kind == "lossy")).all()
+        assert len(lossy_rows) == 2 and all(e.max_error_bound == 2 and (e.max_abs_error or 0) <= 2 for e in lossy_rows)
+
+    studies = {str(dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in sources}
+    files = [f for study in studies for f in retrieve(archive, study, tmp_path / "lossy", variant=Variant.LOSSY).files]
+    assert len(files) == 2
+    for written in files:
+        ds = dcmread(written.path)
+        assert ds.LossyImageCompression == "01"
+        assert ds.LossyImageCompressionMethod == "ISO_14495_1"
+        assert float(ds.LossyImageCompressionRatio) > 1
+        assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        source_uid = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert source_uid in copies and ds.SOPInstanceUID != source_uid
+        assert ds.DerivationCodeSequence[0].CodeValue == "113040"
+        error = np.abs(ds.pixel_array.astype(np.int32) - _pixels(copies[source_uid]).astype(np.int32))
+        assert 0 < error.max() <= 2
+
+
+def test_keep_lossless_false_releases_the_original_and_get_says_so(sqlite_archive: Archive, tmp_path: Path) -> None:
+    archive = sqlite_archive
+    sources = sorted(CT.glob("*.dcm"))[:1]
+    copies = _ingest(archive, tmp_path / "in", sources)
+    (sop, instance_id), = _ids(archive).items()
+    policy = RecompressPolicy(name="near2-release", codec=NEAR2, keep_lossless=False)
+    with archive.unit_of_work() as uow:
+        dry = plan(uow.session, policy)
+    assert "WILL BE RELEASED" in dry.words
+    result = recompress_instance(archive, instance_id, policy)
+    assert result.outcome is ItemOutcome.RECOMPRESSED and "released" in result.reason
+    with archive.unit_of_work() as uow:
+        original = uow.session.get(Instance, instance_id)
+        assert original is not None and original.status is InstanceStatus.LOSSY_ONLY
+    with pytest.raises(LossyOnlyError, match="only a lossy derivative is held"):
+        read_frame(archive, sop, 0)
+    study_uid = str(dcmread(sources[0], stop_before_pixels=True).StudyInstanceUID)
+    withheld = retrieve(archive, study_uid, tmp_path / "plain")
+    assert withheld.files == [] and withheld.lossy_only[0][0] == sop and withheld.lossy_only[0][1]
+    given = retrieve(archive, study_uid, tmp_path / "allowed", allow_lossy=True)
+    assert len(given.files) == 1 and given.files[0].sop_instance_uid == withheld.lossy_only[0][1]
+    ds = dcmread(given.files[0].path)
+    assert ds.LossyImageCompression == "01" and ds.SOPInstanceUID != sop
+    assert np.abs(ds.pixel_array.astype(np.int32) - _pixels(copies[sop])).max() <= 2
+    # the released frames go to the collector; the derivative and its blobs stay intact
+    report = collect_garbage(archive, grace_seconds=0)
+    assert report.blob_rows >= 1
+    assert verify_blobs(archive).problems == []
+    assert retrieve(archive, study_uid, tmp_path / "after-gc", allow_lossy=True).files
+
+
+def test_quality_floor_keeps_the_instance_lossless(sqlite_archive: Archive, tmp_path: Path) -> None:
+    archive = sqlite_archive
+    _ingest(archive, tmp_path / "in", sorted(CT.glob("*.dcm"))[:1])
+    (_, instance_id), = _ids(archive).items()
+    policy = RecompressPolicy(name="too-strict", codec=NEAR2, keep_lossless=False, min_psnr=200.0)
+    result = recompress_instance(archive, instance_id, policy)
+    assert result.outcome is ItemOutcome.SKIPPED and "kept lossless" in result.reason and "floor" in result.reason
+    with archive.unit_of_work() as uow:
+        assert uow.session.get(Instance, instance_id).status is InstanceStatus.STORED  # type: ignore[union-attr]
+        assert uow.session.scalar(select(func.count()).select_from(Derivation)) == 0
+
+
+def test_the_archive_codec_must_be_lossless(sqlite_archive: Archive, tmp_path: Path) -> None:
+    source = sorted(CT.glob("*.dcm"))[0]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copyfile(source, folder / source.name)
+    with pytest.raises(ConfigError, match="must be lossless"):
+        ingest_paths(sqlite_archive, [folder], codec_config=NEAR2)
+    with sqlite_archive.unit_of_work() as uow:
+        assert uow.session.scalar(select(func.count()).select_from(Blob)) == 0
+
+
+def test_lossy_method_names() -> None:
+    assert lossy_method({"id": "jpegls", "near": 2}) == "ISO_14495_1"
+    assert lossy_method({"id": "pca", "variance": 0.98}) == "MEDARCHIVE_PCA"
+    assert lossy_method({"id": "bounded", "inner": {"id": "kmeans", "k": 64}, "max_error": 2}) == \
+        "MEDARCHIVE_BOUNDED_KMEANS"
