@@ -16,6 +16,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from archive.catalog.models import Blob
+from archive.codecs import decode_frame
 from archive.clock import utcnow
 from archive.errors import ArchiveError, BlobNotFoundError
 from archive.store import BlobRef, BlobStore
@@ -93,3 +94,10 @@ def upsert(
         statement = statement.on_conflict_do_nothing(index_elements=[key])
     # one statement compiled once (cached), its rows sent as an executemany the driver batches
     session.connection().execute(statement, rows)
+
+
+def decode_encoding(session: Session, store: BlobStore, digests: Sequence[str], context_digest: str | None
+                    ) -> list[Any]:
+    """The frames of an encoding, read (each blob re-hashed) and decoded with its context blob, if it has one."""
+    context = read_blob(session, store, context_digest) if context_digest else None
+    return [decode_frame(blob, context) for blob in read_blobs(session, store, list(digests))]

@@ -20,7 +20,6 @@ lossless and the result says why.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +45,7 @@ from archive.dicom.geometry import plane_geometries
 from archive.dicom.writer import read_header, to_part10
 from archive.errors import ArchiveError, BlobCorruptError, NotFoundError, QualityError
 from archive.kinds import DerivationKind, EncodingKind, ItemOutcome, StorageMode
-from archive.services.blobs import read_blob, read_blobs
+from archive.services.blobs import decode_encoding, read_blob
 from archive.services.encoding import encode_frames, pixel_hash
 from archive.services.ingest import FileOutcome
 from archive.services.normalization import software_version
@@ -219,14 +218,8 @@ def _source(uow: UnitOfWork, instance: Instance) -> _Source:
     )
 
 
-def decode_encoding(uow: UnitOfWork, digests: Sequence[str], context_digest: str | None) -> list[np.ndarray]:
-    """The frames of an encoding, read (each blob re-hashed) and decoded with its context blob."""
-    context = read_blob(uow.session, uow.store, context_digest) if context_digest else None
-    return [decode_frame(blob, context) for blob in read_blobs(uow.session, uow.store, list(digests))]
-
-
 def _decode(uow: UnitOfWork, source: _Source) -> list[np.ndarray]:
-    return decode_encoding(uow, source.digests, source.context_digest)
+    return decode_encoding(uow.session, uow.store, source.digests, source.context_digest)
 
 
 def _fit_sample(uow: UnitOfWork, source: _Source, own: list[np.ndarray]) -> list[np.ndarray]:
@@ -246,7 +239,8 @@ def _fit_sample(uow: UnitOfWork, source: _Source, own: list[np.ndarray]) -> list
         encoding = next((e for e in other.encodings if e.is_current), None)
         if encoding is None or encoding.kind is not EncodingKind.LOSSLESS:
             continue
-        decoded = decode_encoding(uow, [f.blob_sha256 for f in encoding.frames], encoding.context_blob)
+        decoded = decode_encoding(uow.session, uow.store, [f.blob_sha256 for f in encoding.frames],
+                                  encoding.context_blob)
         frames.extend(f for f in decoded if f.shape == shape and f.dtype == own[0].dtype)
     return frames or own
 

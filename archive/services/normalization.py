@@ -33,7 +33,7 @@ from sqlalchemy.orm import selectinload
 
 from archive import package_version
 from archive.catalog.models import Derivation, Encoding, Instance, InstanceStatus, Job, Series, Study
-from archive.codecs import decode_frame, get_codec
+from archive.codecs import get_codec
 from archive.dicom.derive import derived_series_uid
 from archive.dicom.writer import attach_fragments, read_header, to_part10
 from archive.errors import ArchiveError, NotFoundError
@@ -41,7 +41,7 @@ from archive.kinds import DerivationKind, NormalizeOutcome, StorageMode
 from archive.normalize.grid import Interpolation
 from archive.normalize.pipeline import NormalizedSeries, SourceImage, normalize_series_images, profile_sha256
 from archive.normalize.profiles import NormalizeProfile, SeriesFacts, choose_profile
-from archive.services.blobs import read_blobs
+from archive.services.blobs import decode_encoding, read_blobs
 from archive.services.encoding import RECENT_FRAMES
 from archive.services.failures import is_transient
 from archive.services.outcomes import FileOutcome, Outcome
@@ -222,17 +222,17 @@ def normalize_series(archive: Archive, series_id: int, *, profile: NormalizeProf
             if not dry_run:
                 _make_current(archive, expected, series_id)
             return result
-        instances = _image_instances(uow, series.id)
+        instances = image_instances(uow, series.id)
         if not instances:
             result.outcome, result.reason = NormalizeOutcome.SKIPPED, "no images (nothing with pixels to resample)"
             return result
-        images = _load_headers(uow, instances)
+        images = load_headers(uow, instances)
         plan = normalize_series_images(images, chosen, version=version, plan_only=True)
         codec_config = chosen.codec or codec or archive.settings.codec
         split = not plan.skipped and not dry_run and chosen.slice_spacing_mm is None and jobs > 1 \
             and len(instances) >= 2 * MIN_PART
         if not plan.skipped and not dry_run and not split:  # pixels are read only when they will be resampled
-            images = _decode(uow, instances, images)
+            images = decode_images(uow, instances, images)
         instance_ids = [i.id for i in instances]
     if plan.skipped or dry_run:
         _fill(result, plan)
@@ -289,7 +289,7 @@ def _normalize_part_in_child(part: _Part) -> tuple[NormalizedSeries, list[Staged
             .options(selectinload(Instance.encodings).selectinload(Encoding.frames)).order_by(Instance.id)))
         order = {instance_id: n for n, instance_id in enumerate(part.instance_ids)}
         instances.sort(key=lambda i: order[i.id])
-        images = _decode(uow, instances, _load_headers(uow, instances))
+        images = decode_images(uow, instances, load_headers(uow, instances))
     return _normalize_part(archive, part, images)  # staged blobs are durable (stage_files syncs)
 
 
@@ -341,7 +341,7 @@ def _why_not(archive: Archive, facts: SeriesFacts, forced: NormalizeProfile | No
     return f"no normalize profile matches modality {facts.modality or '?'}"
 
 
-def _image_instances(uow: UnitOfWork, series_id: int) -> list[Instance]:
+def image_instances(uow: UnitOfWork, series_id: int) -> list[Instance]:
     return list(uow.session.scalars(
         select(Instance).where(Instance.series_id == series_id, Instance.status == InstanceStatus.STORED,
                                Instance.storage_mode != StorageMode.WHOLE, Instance.rows.is_not(None))
@@ -349,7 +349,7 @@ def _image_instances(uow: UnitOfWork, series_id: int) -> list[Instance]:
         .order_by(Instance.instance_number, Instance.id)))
 
 
-def _load_headers(uow: UnitOfWork, instances: Sequence[Instance]) -> list[SourceImage]:
+def load_headers(uow: UnitOfWork, instances: Sequence[Instance]) -> list[SourceImage]:
     """The archived headers (no pixels yet), with the UIDs the catalog knows where the file had none."""
     images = []
     for instance in instances:
@@ -362,7 +362,7 @@ def _load_headers(uow: UnitOfWork, instances: Sequence[Instance]) -> list[Source
     return images
 
 
-def _decode(uow: UnitOfWork, instances: Sequence[Instance], images: list[SourceImage]) -> list[SourceImage]:
+def decode_images(uow: UnitOfWork, instances: Sequence[Instance], images: list[SourceImage]) -> list[SourceImage]:
     """The images' frames as the archive holds them (checked on read; frames this process just stored and
     verified come from :data:`RECENT_FRAMES`). A lossy original no decoder reads is left out."""
     decoded = []
@@ -386,7 +386,7 @@ def _decode(uow: UnitOfWork, instances: Sequence[Instance], images: list[SourceI
             digests = [f.blob_sha256 for f in encoding.frames]
             cached = [RECENT_FRAMES.get(d) for d in digests]
             if any(c is None for c in cached):
-                cached = [decode_frame(blob) for blob in read_blobs(uow.session, uow.store, digests)]
+                cached = decode_encoding(uow.session, uow.store, digests, encoding.context_blob)
             frames = np.stack([np.asarray(c).reshape(layout.frame_shape) for c in cached])
             photometric = layout.output_photometric
         ds.PhotometricInterpretation = photometric

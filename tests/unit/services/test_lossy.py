@@ -147,3 +147,28 @@ def test_lossy_method_names() -> None:
     assert lossy_method({"id": "pca", "variance": 0.98}) == "MEDARCHIVE_PCA"
     assert lossy_method({"id": "bounded", "inner": {"id": "kmeans", "k": 64}, "max_error": 2}) == \
         "MEDARCHIVE_BOUNDED_KMEANS"
+
+
+def test_series_basis_is_a_context_blob_the_collector_keeps(sqlite_archive: Archive, tmp_path: Path) -> None:
+    """pca fits one basis per series (a context blob named by every frame); GC and verify count it as referenced."""
+    archive = sqlite_archive
+    series = sorted((shared_data() / "mr-siemens-prisma").rglob("*.dcm"))[:5]
+    copies = _ingest(archive, tmp_path / "in", series)
+    policy = RecompressPolicy(name="pca", codec={"id": "pca", "variance": 0.999})
+    for instance_id in _ids(archive).values():
+        assert recompress_instance(archive, instance_id, policy).outcome is ItemOutcome.RECOMPRESSED
+    with archive.unit_of_work() as uow:
+        contexts = set(uow.session.scalars(select(Encoding.context_blob).where(Encoding.kind == "lossy")))
+    assert len(contexts) == 1 and None not in contexts  # one basis for the series
+    collect_garbage(archive, grace_seconds=0)
+    assert verify_blobs(archive).problems == []
+    study = str(dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+    files = retrieve(archive, study, tmp_path / "out", variant=Variant.LOSSY).files
+    assert len(files) == len(copies)
+    for written in files:
+        ds = dcmread(written.path)
+        assert ds.LossyImageCompressionMethod == "MEDARCHIVE_PCA"
+        original = _pixels(copies[ds.SourceImageSequence[0].ReferencedSOPInstanceUID])
+        assert ds.pixel_array.shape == original.shape
+        difference = ds.pixel_array.astype(np.float64) - original
+        assert 0 < np.sqrt(np.mean(difference**2)) < 0.05 * float(np.ptp(original))  # lossy, no bound promised
