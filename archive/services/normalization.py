@@ -33,7 +33,6 @@ from sqlalchemy.orm import selectinload
 
 from archive import package_version
 from archive.catalog.models import Derivation, Encoding, Instance, InstanceStatus, Job, Series, Study
-from archive.codecs import get_codec
 from archive.dicom.derive import derived_series_uid
 from archive.dicom.writer import attach_fragments, read_header, to_part10
 from archive.errors import ArchiveError, NotFoundError
@@ -42,7 +41,7 @@ from archive.normalize.grid import Interpolation
 from archive.normalize.pipeline import NormalizedSeries, SourceImage, normalize_series_images, profile_sha256
 from archive.normalize.profiles import NormalizeProfile, SeriesFacts, choose_profile
 from archive.services.blobs import decode_encoding, read_blobs
-from archive.services.encoding import RECENT_FRAMES
+from archive.services.encoding import archive_codec, RECENT_FRAMES
 from archive.services.failures import is_transient
 from archive.services.outcomes import FileOutcome, Outcome
 from archive.services.recording import commit_staged_batch
@@ -421,7 +420,7 @@ def _make_current(archive: Archive, series_uid: str, source_series_id: int) -> N
 def _stage_made(archive: Archive, source_series_id: int, images: Sequence[SourceImage], made: NormalizedSeries,
                 codec_config: dict[str, Any], job_id: int | None) -> list[StagedInstance]:
     """The made images staged like any instance (encoded, verified, blobs written), linked to their sources."""
-    codec = get_codec(codec_config)
+    codec = archive_codec(codec_config)  # a normalized copy is stored losslessly: its header claims no lossy step
     parts = [MadeInstance(to_part10(image.dataset, image.dataset.file_meta.TransferSyntaxUID),
                           f"normalized:{made.profile}:{images[image.main_source].sop_instance_uid}")
              for image in made.images]

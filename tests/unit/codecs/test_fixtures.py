@@ -1,4 +1,4 @@
-"""Frozen golden fixtures: every stored frame still decodes to its stored pixels."""
+"""Frozen golden fixtures: every stored frame still decodes to its stored pixels (containers v1 and v2, lossy too)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,25 @@ import pytest
 
 from archive.codecs import decode_frame, get_codec, read_frame_header
 from archive.codecs.registry import LOSSLESS_STANDARD
+from archive.errors import CodecError
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "codecs"
 CASES = sorted(FIXTURES.glob("*/*.bin"))
+LOSSY_IDS = ("pca", "kmeans", "bounded")
 
 
 def test_every_builtin_codec_has_fixtures() -> None:
     for codec_id in LOSSLESS_STANDARD:
         cases = sorted((FIXTURES / codec_id).glob("*.bin"))
         assert len(cases) >= 5, f"no golden fixtures for {codec_id}"
+        assert any(read_frame_header(c.read_bytes()).version == 1 for c in cases)
+        assert any(read_frame_header(c.read_bytes()).version == 2 for c in cases)
         for case in cases:
             assert case.with_suffix(".json").is_file() and case.with_suffix(".npy").is_file()
+    for codec_id in LOSSY_IDS:
+        assert len(sorted((FIXTURES / codec_id).glob("*.bin"))) >= 3, f"no golden fixtures for {codec_id}"
+    contexts = sorted(FIXTURES.glob("*/*.ctx"))
+    assert {c.parent.name for c in contexts} >= {"pca", "kmeans"}
 
 
 @pytest.mark.parametrize("bin_path", CASES, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -28,17 +36,27 @@ def test_fixture_decodes_exactly(bin_path: Path) -> None:
     data = bin_path.read_bytes()
     expected = np.load(bin_path.with_suffix(".npy"), allow_pickle=False)
     config = json.loads(bin_path.with_suffix(".json").read_text())
+    context_path = bin_path.with_suffix(".ctx")
+    context = context_path.read_bytes() if context_path.is_file() else None
     assert config["id"] == bin_path.parent.name
 
-    for decoded in (decode_frame(data), get_codec(config).decode(data)):
+    for decoded in (decode_frame(data, context), get_codec(config).decode(data, context)):
         assert decoded.dtype == expected.dtype
         assert decoded.shape == expected.shape
         assert np.array_equal(decoded, expected)
 
     header = read_frame_header(data)
+    codec = get_codec(config)
     if bin_path.stem.startswith("fallback"):
         assert header.codec_id == "zstd"
     else:
         assert header.codec_id == config["id"]
-    # today's encoder still round-trips the same pixels (bytes may differ across library versions)
-    assert np.array_equal(get_codec(config).decode(get_codec(config).encode(expected)), expected)
+    if context is not None:
+        assert header.context_sha256 is not None
+        with pytest.raises(CodecError, match="context"):
+            decode_frame(data)
+    if codec.lossless:
+        # today's encoder still round-trips the same pixels (bytes may differ across library versions)
+        assert np.array_equal(codec.decode(codec.encode(expected)), expected)
+    else:
+        assert header.lossy and header.version == 2
