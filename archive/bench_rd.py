@@ -56,6 +56,7 @@ import archive
 from archive.codecs import decode_frame, get_codec, read_frame_header, registered_codecs
 from archive.codecs._pixels import offset_to_unsigned
 from archive.codecs.base import Codec, dist_version
+from archive.bench_rd_plots import write_plots
 from archive.errors import ArchiveError, CodecError
 
 Pixels = npt.NDArray[Any]
@@ -204,6 +205,10 @@ def row_specs(bounds: Sequence[int], variances: Sequence[float], ks: Sequence[in
         for n in bounds:
             rows.append(RowSpec(f"bounded({name})", label, f"N {n}", "ours",
                                 {"id": "bounded", "inner": dict(inner), "max_error": n}, bound=n))
+    for n in bounds:  # what a lossy policy runs: the pca basis fitted once per series (its bytes shared)
+        rows.append(RowSpec("bounded(pca) series", "bounded(pca 0.98) series fit", f"N {n}", "ours-fit",
+                            {"id": "bounded", "inner": {"id": "pca", "variance": FIT_VARIANCE}, "max_error": n},
+                            bound=n))
     for rate in j2k_rates:
         rows.append(RowSpec("JPEG 2000", "JPEG 2000 9/7", f"{rate:g} bpp", "j2k", target=rate, anchor=True))
     for n in bounds:
@@ -593,8 +598,9 @@ def evaluate_goals(rows: Sequence[Mapping[str, Any]], bounds: Sequence[int]) -> 
     for modality in sorted({r["modality"] for r in rows}):
         for n in bounds:
             anchor = by_key.get((modality, "JPEG-LS near-lossless", f"N {n}"))
-            ours = [r for r in (by_key.get((modality, f"bounded({name} {inner.get('variance', inner.get('k'))})",
-                                            f"N {n}")) for name, inner in BOUNDED_INNERS)
+            methods = [f"bounded({name} {inner.get('variance', inner.get('k'))})" for name, inner in BOUNDED_INNERS]
+            methods.append("bounded(pca 0.98) series fit")
+            ours = [r for r in (by_key.get((modality, method, f"N {n}")) for method in methods)
                     if r is not None and r["status"] == "ok" and r["bpp"] is not None]
             best = min(ours, key=lambda r: r["bpp"]) if ours else None
             ratio = best["bpp"] / anchor["bpp"] if best and anchor and anchor.get("bpp") else None
@@ -756,78 +762,6 @@ def wcss_elbow(groups: Mapping[str, Sequence[RdImage]]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------- plots
-
-
-def write_plots(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
-    """bpp against PSNR (two peaks), max error and SSIM, one line per family (anchors dashed); the WCSS elbow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in result["rows"] if r["status"] == "ok"]
-    modalities = sorted({r["modality"] for r in rows}) or ["-"]
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colours = {family: cycle[i % len(cycle)] for i, family in enumerate(_families(rows))}  # same in every panel
-    paths: list[Path] = []
-    panels = (("rd_psnr.png", (("psnr", "PSNR (dB), peak 2^BitsStored-1"), ("range_psnr", "PSNR (dB), peak max-min"))),
-              ("rd_max_error.png", (("max_error", "max |error| (all images)"),)),
-              ("rd_ssim.png", (("ssim", "SSIM (mean)"),)))
-    for name, metrics in panels:
-        fig, axes = plt.subplots(len(metrics), len(modalities), figsize=(6.5 * len(modalities), 4.5 * len(metrics)),
-                                 squeeze=False)
-        for col, modality in enumerate(modalities):
-            for line, (key, label) in enumerate(metrics):
-                ax = axes[line][col]
-                for family, members in _families([r for r in rows if r["modality"] == modality]).items():
-                    points = [(r["bpp"], r[key]) for r in members
-                              if r.get("bpp") is not None and r.get(key) is not None]
-                    if not points:
-                        continue
-                    points.sort()
-                    anchor = members[0]["anchor"]
-                    ax.plot([p[0] for p in points], [p[1] for p in points], linestyle="--" if anchor else "-",
-                            marker="s" if anchor else "o", markersize=4, label=family, color=colours[family])
-                if key == "max_error":
-                    ax.set_yscale("symlog", linthresh=1)
-                ax.set_xlabel("bits per pixel")
-                ax.set_ylabel(label)
-                ax.set_title(f"{modality}: {label}")
-                ax.grid(True, alpha=0.3)
-                ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for curve in result.get("wcss_elbow", []):
-        ax.plot(curve["k"], [w / curve["pixels"] for w in curve["wcss"]], marker="o", markersize=3,
-                label=f"{curve['modality']} {Path(curve['image']).name}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("k")
-    ax.set_ylabel("WCSS / pixels (mean squared error)")
-    ax.set_title("k-means on intensities: WCSS elbow (Ckmeans.1d.dp)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = out_dir / "wcss_elbow.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    paths.append(path)
-    return paths
-
-
-def _families(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    out: dict[str, list[Mapping[str, Any]]] = {}
-    for row in rows:
-        family = row["method"] if row["family"] == "lossless" else row["family"]
-        out.setdefault(family, []).append(row)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------- printing
 
 
 def _f(value: Any, digits: int = 2) -> str:
