@@ -104,7 +104,8 @@ def refresh_totals(session: Session, study_ids: Iterable[int]) -> None:
 
 def _refresh_page(session: Session, study_ids: list[int]) -> None:
     """Originals and derived series (normalized copies) are counted apart: a study's totals are its originals."""
-    stored = case((Instance.status == InstanceStatus.STORED, 1), else_=0)
+    # a lossy-only original is still one of the study's instances (held as its lossy derivative)
+    stored = case((Instance.status.in_((InstanceStatus.STORED, InstanceStatus.LOSSY_ONLY)), 1), else_=0)
     derived = Series.derived_from_id.is_not(None)
     per_series = session.execute(
         select(Series.id, Series.study_id, Series.modality, Series.derived_from_id,

@@ -102,6 +102,8 @@ def test_keep_lossless_false_releases_the_original_and_get_says_so(sqlite_archiv
     with archive.unit_of_work() as uow:
         original = uow.session.get(Instance, instance_id)
         assert original is not None and original.status is InstanceStatus.LOSSY_ONLY
+        study = original.series.study
+        assert study.num_instances == 1 and study.num_derived_instances == 1  # still one of its instances
     with pytest.raises(LossyOnlyError, match="only a lossy derivative is held"):
         read_frame(archive, sop, 0)
     study_uid = str(dcmread(sources[0], stop_before_pixels=True).StudyInstanceUID)
