@@ -377,7 +377,7 @@ def list_jobs(session: Session, *, status: str | None = None, job_id: int | None
         ):
             items[jid][item_status.value] += n
             if outcome:
-                outcomes[jid][outcome] += n
+                outcomes[jid][outcome.value] += n  # the value: an Enum key prints as "ItemOutcome.X"
     summaries = []
     for j in jobs:
         counts = _int_counts(j.counts)
