@@ -23,8 +23,18 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from archive.catalog.models import Derivation, EncodedFrame, Encoding, Instance, InstanceStatus, Series, Study
-from archive.kinds import EncodingKind, ItemOutcome, StorageMode
+from archive.catalog.models import (
+    Derivation,
+    EncodedFrame,
+    Encoding,
+    Instance,
+    InstanceStatus,
+    Job,
+    JobItem,
+    Series,
+    Study,
+)
+from archive.kinds import EncodingKind, ItemOutcome, JobKind, StorageMode
 from archive.codecs import decode_frame, get_codec
 from archive.config import RecompressPolicy
 from archive.errors import ArchiveError, BlobCorruptError, NotFoundError
@@ -136,6 +146,8 @@ def _candidates(session: Session, policy: RecompressPolicy, *, limit: int | None
     target = target_config(policy)
     lossy = not get_codec(target).lossless
     excluded = set(exclude)
+    if lossy:
+        excluded |= kept_lossless(session, policy, target)
     statement = (
         select(Instance.id, Series.study_id, Encoding.codec_id, Encoding.codec_config, Encoding.bytes_after,
                Series.modality)
@@ -180,6 +192,18 @@ def _candidates(session: Session, policy: RecompressPolicy, *, limit: int | None
                 return
         if len(rows) < _SCAN_BATCH:
             return
+
+
+def kept_lossless(session: Session, policy: RecompressPolicy, target: dict[str, Any]) -> set[int]:
+    """Instances a run of this policy, with today's codec and floors, left lossless (quality floor or bound):
+    a sweep does not try them again until the policy's codec or floors change."""
+    rows = session.execute(
+        select(JobItem.source_instance_id, Job.params).join(Job, Job.id == JobItem.job_id)
+        .where(Job.kind == JobKind.RECOMPRESS, Job.policy == policy.name, JobItem.outcome == ItemOutcome.SKIPPED,
+               JobItem.error.like("kept lossless:%"))).all()
+    return {instance_id for instance_id, params in rows
+            if instance_id is not None and params.get("codec") == target
+            and params.get("max_error") == policy.max_error and params.get("min_psnr") == policy.min_psnr}
 
 
 def recompress_instance(archive: Archive, instance_id: int, policy: RecompressPolicy) -> RecompressResult:

@@ -86,7 +86,7 @@ def start_sweep(
                 session, kind=JobKind.RECOMPRESS, policy=policy_name, chunk_size=settings.chunk_size,
                 items=[ItemSpec(instance_id=i, series_uid=series_of.get(i)) for i in candidates],
                 params={"codec": get_codec(policy.codec).get_config(), "max_error": policy.max_error,
-                        "respect_window": respect_window},
+                        "min_psnr": policy.min_psnr, "respect_window": respect_window},
             )
             uow.commit()
             report.job_id, report.action, report.instances = job.id, "started", len(candidates)

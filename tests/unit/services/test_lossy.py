@@ -174,3 +174,31 @@ def test_series_basis_is_a_context_blob_the_collector_keeps(sqlite_archive: Arch
         assert ds.pixel_array.shape == original.shape
         difference = ds.pixel_array.astype(np.float64) - original
         assert 0 < np.sqrt(np.mean(difference**2)) < 0.05 * float(np.ptp(original))  # lossy, no bound promised
+
+
+def test_a_sweep_does_not_retry_what_its_floor_kept_lossless(sqlite_archive: Archive, tmp_path: Path) -> None:
+    """The job records why an instance stayed lossless; the next sweep with the same codec and floors skips it,
+    a changed floor tries it again."""
+    import dataclasses
+
+    from archive.services import jobs
+    from archive.services.sweeps import start_sweep
+
+    _ingest(sqlite_archive, tmp_path / "in", sorted(CT.glob("*.dcm"))[:1])
+    strict = RecompressPolicy(name="floor", codec=NEAR2, min_psnr=200.0)
+    archive = Archive.open(dataclasses.replace(sqlite_archive.settings, policies={"floor": strict}))
+    try:
+        def run_inline(task_id: int) -> str:
+            jobs.run_task(archive, task_id)
+            return f"inline-{task_id}"
+
+        first = start_sweep(archive, "floor", run_inline, respect_window=False)
+        assert first.action == "started" and first.instances == 1
+        with archive.unit_of_work() as uow:
+            assert select_candidates(uow.session, strict, limit=None) == []  # kept lossless, with the reason
+        assert start_sweep(archive, "floor", run_inline, respect_window=False).instances == 0
+        relaxed = dataclasses.replace(strict, min_psnr=60.0)
+        with archive.unit_of_work() as uow:
+            assert len(select_candidates(uow.session, relaxed, limit=None)) == 1  # a changed floor tries again
+    finally:
+        archive.close()
