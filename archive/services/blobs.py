@@ -96,8 +96,13 @@ def upsert(
     session.connection().execute(statement, rows)
 
 
+def read_context(session: Session, store: BlobStore, digest: str | None) -> bytes | None:
+    """An encoding's context blob (a basis, a codebook; re-hashed on read), or None when it has none."""
+    return read_blob(session, store, digest) if digest else None
+
+
 def decode_encoding(session: Session, store: BlobStore, digests: Sequence[str], context_digest: str | None
                     ) -> list[Any]:
     """The frames of an encoding, read (each blob re-hashed) and decoded with its context blob, if it has one."""
-    context = read_blob(session, store, context_digest) if context_digest else None
+    context = read_context(session, store, context_digest)
     return [decode_frame(blob, context) for blob in read_blobs(session, store, list(digests))]

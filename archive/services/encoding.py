@@ -98,6 +98,7 @@ def encode_frames(
     max_error: float | None = None,
     context: bytes | None = None,
     min_psnr: float | None = None,
+    decoded: list[np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], list[bytes]]:
     """Encode frames and decode each back to measure it; returns Encoding columns and the frame bytes.
 
@@ -105,7 +106,8 @@ def encode_frames(
     rather than store wrong pixels. A lossy one that breaks its own promised
     bound, ``max_error`` or ``min_psnr`` raises :class:`QualityError`: the
     caller keeps the instance lossless and records why. ``context`` is the
-    codec's side blob fitted on the series (see ``Codec.fit``).
+    codec's side blob fitted on the series (see ``Codec.fit``). ``decoded``,
+    when given, receives what each stored frame decodes to (no second decode).
     """
     fallback = get_codec({"id": "zstd"})
     promised = codec.max_error
@@ -119,18 +121,20 @@ def encode_frames(
         t0 = time.perf_counter()
         data, stats_of_frame = codec.encode_with_stats(frame, context)
         t1 = time.perf_counter()
-        decoded = decode_frame(data, context)
+        back = decode_frame(data, context)
         t2 = time.perf_counter()
         encode_s += t1 - t0
         decode_s += t2 - t1
-        exact = np.array_equal(decoded, frame)
+        exact = np.array_equal(back, frame)
         if codec.lossless and not exact:
             data = fallback.encode(frame)  # never keep a "lossless" frame that does not round-trip
-            decoded = decode_frame(data)
-            exact = np.array_equal(decoded, frame)
+            back = decode_frame(data)
+            exact = np.array_equal(back, frame)
             if not exact:
                 raise ArchiveError(f"frame {index} of {label} does not round-trip through zstd")
-        stats.add(frame, decoded, exact=exact)
+        stats.add(frame, back, exact=exact)
+        if decoded is not None:
+            decoded.append(back)
         if stats_of_frame:
             chosen.append(stats_of_frame)
         header = read_frame_header(data)

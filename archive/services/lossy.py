@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from archive.catalog.models import Derivation, Encoding, Instance, InstanceStatus, Series
 from archive.clock import utcnow
-from archive.codecs import Codec, decode_frame, get_codec
+from archive.codecs import Codec, get_codec
 from archive.config import RecompressPolicy
 from archive.dicom.derive import (
     LOSSY_COMPRESSION,
@@ -45,7 +45,7 @@ from archive.dicom.geometry import plane_geometries
 from archive.dicom.writer import read_header, to_part10
 from archive.errors import ArchiveError, BlobCorruptError, NotFoundError, QualityError
 from archive.kinds import DerivationKind, EncodingKind, ItemOutcome, StorageMode
-from archive.services.blobs import decode_encoding, read_blob
+from archive.services.blobs import decode_encoding, read_context
 from archive.services.encoding import encode_frames, pixel_hash
 from archive.services.ingest import FileOutcome
 from archive.services.normalization import software_version
@@ -151,7 +151,7 @@ def derive_lossy(archive: Archive, instance_id: int, policy: RecompressPolicy) -
             .join(Series, Series.id == Instance.series_id)
             .where(Series.series_uid == derived_series, Encoding.is_current, Encoding.context_blob.is_not(None))
             .limit(1))
-        context = read_blob(uow.session, uow.store, context_digest) if context_digest else None
+        context = read_context(uow.session, uow.store, context_digest)
         frames = _decode(uow, source)
         if context is None:
             context = codec.fit(_fit_sample(uow, source, frames))
@@ -159,17 +159,17 @@ def derive_lossy(archive: Archive, instance_id: int, policy: RecompressPolicy) -
         raise BlobCorruptError(f"instance {instance_id} ({source.sop_instance_uid}): stored frames decode to pixels "
                                "that differ from those archived; no lossy derivative made")
     side_info: dict[str, Any] = {"source_sop_instance_uid": source.sop_instance_uid}
+    reconstruction: list[np.ndarray] = []  # what the stored bytes decode to (encode_frames decodes them once)
     try:
         columns, encoded = encode_frames(codec, frames, source.bits_stored, source.total_pixels, source.bytes_before,
                                          side_info, source.sop_instance_uid, max_error=policy.max_error or None,
-                                         context=context, min_psnr=policy.min_psnr)
+                                         context=context, min_psnr=policy.min_psnr, decoded=reconstruction)
     except QualityError as exc:
         return LossyResult(instance_id, ItemOutcome.SKIPPED, f"kept lossless: {exc}", source.bytes_after,
                            source.bytes_after, study_id)
     if columns["kind"] is not EncodingKind.LOSSY:  # the codec fell back (input it cannot take): nothing gained
         return LossyResult(instance_id, ItemOutcome.SKIPPED, f"kept lossless: {codec.codec_id} could not encode it "
                            f"({columns['actual_codecs']})", source.bytes_after, source.bytes_after, study_id)
-    reconstruction = [decode_frame(data, context) for data in encoded]
     made = _made_instance(source, policy, codec, columns, encoded, context, reconstruction, derived_uid,
                           derived_series)
     staged = stage_files(archive, [made], codec)[0]
@@ -273,7 +273,7 @@ def _made_instance(source: _Source, policy: RecompressPolicy, codec: Codec, colu
     attach_pixels(derived, stack if stack.shape[0] > 1 else stack[0])
     data = to_part10(derived, derived.file_meta.TransferSyntaxUID)
     return MadeInstance(data, f"lossy:{policy.name}:{source.sop_instance_uid}",
-                        encoded=PreEncoded(encoded, columns, context))
+                        encoded=PreEncoded(encoded, columns, context, reconstruction))
 
 
 def _commit(archive: Archive, source: _Source, staged: StagedInstance, params: dict[str, Any], sha: str,
@@ -330,11 +330,3 @@ def _release_lossless(uow: UnitOfWork, instance: Instance) -> int:
 
 def _lock(session: Session, instance_id: int) -> None:
     session.execute(select(Instance.id).where(Instance.id == instance_id).with_for_update())
-
-
-def lossy_derivative(session: Session, instance: Instance) -> Instance | None:
-    """The current lossy derivative of an original instance, if there is one."""
-    return session.scalar(
-        select(Instance).join(Derivation, Derivation.series_id == Instance.series_id)
-        .where(Instance.derived_from_id == instance.id, Derivation.kind == DerivationKind.LOSSY)
-        .order_by(Derivation.is_current.desc(), Derivation.generation.desc(), Instance.id.desc()).limit(1))

@@ -12,7 +12,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from sqlalchemy import select
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import Session, selectinload
 
 from archive.catalog.models import Derivation, Encoding, Instance, InstanceStatus, Series, Study
 from archive.kinds import DerivationKind, StorageMode, Variant
@@ -28,7 +28,7 @@ from archive.dicom.writer import (
     to_part10,
 )
 from archive.errors import ArchiveError, BlobCorruptError, BlobNotFoundError, LossyOnlyError, NotFoundError
-from archive.services.blobs import read_blob, read_blobs
+from archive.services.blobs import read_blob, read_blobs, read_context
 from archive.services.query import resolve_uid
 from archive.services.runtime import Archive
 from archive.services.unit_of_work import UnitOfWork
@@ -134,8 +134,6 @@ def retrieve(
             if instance.id in written:
                 continue
             if instance.status is InstanceStatus.LOSSY_ONLY:
-                from archive.services.lossy import lossy_derivative
-
                 derivative = lossy_derivative(uow.session, instance)
                 report.lossy_only.append((instance.sop_instance_uid,
                                           derivative.sop_instance_uid if derivative else None))
@@ -207,7 +205,7 @@ def instance_part10(uow: UnitOfWork, instance: Instance, transfer_syntax: str) -
         note = "" if transfer_syntax == "original" else "lossy original kept in its own transfer syntax"
         return _write(ds, original, original, note)
     layout = layout_of(instance)
-    context = read_blob(uow.session, uow.store, encoding.context_blob) if encoding.context_blob else None
+    context = read_context(uow.session, uow.store, encoding.context_blob)
     attach_native_pixels(ds, [decode_frame(b, context) for b in blobs], layout)
     target = original_target(original) if transfer_syntax == "original" else OUTPUT_SYNTAXES[transfer_syntax]
     note = ""
@@ -268,13 +266,19 @@ def read_frame(archive: Archive, sop_instance_uid: str, index: int) -> np.ndarra
         frames = encoding.frames
         if not 0 <= index < len(frames):
             raise NotFoundError(f"instance {sop_instance_uid} has {len(frames)} frames, not {index + 1}")
-        context = read_blob(uow.session, uow.store, encoding.context_blob) if encoding.context_blob else None
+        context = read_context(uow.session, uow.store, encoding.context_blob)
         return decode_frame(read_blob(uow.session, uow.store, frames[index].blob_sha256), context)
 
 
-def _lossy_only(uow: UnitOfWork, instance: Instance) -> LossyOnlyError:
-    from archive.services.lossy import lossy_derivative  # lossy builds on retrieval's helpers
+def lossy_derivative(session: Session, instance: Instance) -> Instance | None:
+    """The lossy derivative of an original instance (the current one first), if there is one."""
+    return session.scalar(
+        select(Instance).join(Derivation, Derivation.series_id == Instance.series_id)
+        .where(Instance.derived_from_id == instance.id, Derivation.kind == DerivationKind.LOSSY)
+        .order_by(Derivation.is_current.desc(), Derivation.generation.desc(), Instance.id.desc()).limit(1))
 
+
+def _lossy_only(uow: UnitOfWork, instance: Instance) -> LossyOnlyError:
     derivative = lossy_derivative(uow.session, instance)
     named = f"{derivative.sop_instance_uid} (series {derivative.series.series_uid})" if derivative else "(none found)"
     return LossyOnlyError(f"instance {instance.sop_instance_uid}: its lossless original was released by a "

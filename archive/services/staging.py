@@ -129,13 +129,15 @@ class MadeInstance:
 class PreEncoded:
     """Frames a caller encoded itself (a lossy codec, perhaps with a context blob) and their Encoding columns.
 
-    Staging checks that they decode to the made instance's pixels, bit for
-    bit, and stores them instead of encoding the pixels again.
+    Staging checks that they decode (``decoded``, or decoding them here) to
+    the made instance's pixels, bit for bit, and stores them instead of
+    encoding the pixels again.
     """
 
     frames: list[bytes]
     columns: dict[str, Any]
     context: bytes | None = None
+    decoded: list[np.ndarray] | None = None  # what ``frames`` decode to, when the caller decoded them already
 
 
 Source = Path | MadeInstance
@@ -549,8 +551,9 @@ def _pre_encoded(pre: PreEncoded, frames: Sequence[np.ndarray], label: str, side
     """A made instance's own frames, checked to decode to its pixels exactly."""
     if len(pre.frames) != len(frames):
         raise ArchiveError(f"{label}: {len(pre.frames)} encoded frames for {len(frames)} frames of pixels")
-    for index, (data, frame) in enumerate(zip(pre.frames, frames)):
-        if not np.array_equal(decode_frame(data, pre.context), frame):
+    decoded = pre.decoded if pre.decoded is not None else [decode_frame(data, pre.context) for data in pre.frames]
+    for index, (back, frame) in enumerate(zip(decoded, frames)):
+        if not np.array_equal(back, frame):
             raise ArchiveError(f"{label}: encoded frame {index} does not decode to the instance's pixels")
     columns = dict(pre.columns)
     columns["side_info"] = {**side_info, **columns.get("side_info", {})}
