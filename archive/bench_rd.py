@@ -27,7 +27,6 @@ registered is reported as not available.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -53,9 +52,11 @@ from rich.table import Table
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped, unused-ignore]
 
 import archive
-from archive.codecs import decode_frame, get_codec, read_frame_header, registered_codecs
+from archive.codecs import get_codec, read_frame_header, registered_codecs
 from archive.codecs._pixels import offset_to_unsigned
 from archive.codecs.base import Codec, dist_version
+from archive.codecs.frame import pixel_crc32
+from archive.bench_rd_decode import _json_safe, decode_manifest
 from archive.bench_rd_plots import write_plots
 from archive.errors import ArchiveError, CodecError
 
@@ -79,7 +80,6 @@ J2K_TOLERANCE: Final[float] = 0.02  # the chosen codestream is within 2 % under 
 J2K_LEVELS: Final[tuple[float, float]] = (5.0, 160.0)
 ELBOW_KS: Final[tuple[int, ...]] = (2, 4, 8, 16, 32, 64, 128, 256)
 ELBOW_IMAGES: Final[int] = 3  # images per modality in the WCSS elbow plot
-SSIM_MIN_SIDE: Final[int] = 7  # skimage's default window
 NOTES: Final[tuple[str, ...]] = (
     ("bpp = 8 x (frame container or bare codestream + shared context / instances of its series) / pixels, "
      "mean over images; PSNR, range PSNR, SSIM: means over the images not decoded exactly"),
@@ -244,10 +244,6 @@ def _timed(call: Callable[[], Any]) -> tuple[Any, float]:
     return out, (time.perf_counter() - started) * 1000.0
 
 
-def _crc(arr: Pixels) -> int:
-    return zlib.crc32(np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False)).data) & 0xFFFFFFFF
-
-
 def _codec(config: Mapping[str, Any]) -> Codec:
     wanted = {str(config["id"])}
     inner = config.get("inner")
@@ -388,7 +384,7 @@ def encode_jls_near(n: int, image: RdImage) -> Encoded:
             continue
         if best is None or len(data) < len(best.data):
             best = Encoded(data, "jpegls", ms, offset=offset, stats={"encoder": name, **side}, actual=name,
-                           crc32=_crc(decoded.astype(image.pixels.dtype)))
+                           crc32=pixel_crc32(decoded.astype(image.pixels.dtype)))
     if best is None:
         raise Unavailable(f"JPEG-LS NEAR={n} failed on {image.label}")
     return best
@@ -412,74 +408,6 @@ def encode_row(spec: RowSpec, images: Sequence[RdImage], contexts: dict[str, byt
 
 
 # ------------------------------------------------------------------------------------------------- decoding
-
-
-def _decode_item(item: Mapping[str, Any], data: bytes, context: bytes | None, dtype: np.dtype[Any]) -> Pixels:
-    decoder = item["decoder"]
-    if decoder == "frame":
-        return decode_frame(data, context)
-    if decoder == "j2k":
-        arr: Pixels = imagecodecs.jpeg2k_decode(data, numthreads=1)
-    elif decoder == "jpegls":
-        arr = np.add(imagecodecs.jpegls_decode(data), int(item["offset"]), dtype=np.int64)
-    else:
-        raise ValueError(f"unknown decoder {decoder!r}")
-    return arr.astype(dtype)
-
-
-def image_metrics(original: Pixels, decoded: Pixels, peak: int) -> dict[str, Any]:
-    """PSNR (peak 2^BitsStored - 1 and max - min of the original), max |error|, SSIM; None PSNR when exact."""
-    diff = decoded.astype(np.int64) - original.astype(np.int64)
-    max_error = int(np.abs(diff).max())
-    span = max(1, int(original.max()) - int(original.min()))
-    if max_error == 0:
-        return {"max_error": 0, "mse": 0.0, "psnr": None, "range_psnr": None, "ssim": 1.0}
-    mse = float(np.mean(diff.astype(np.float64) ** 2))
-    ssim: float | None = None
-    if min(original.shape) >= SSIM_MIN_SIDE:
-        from skimage import metrics
-        structural_similarity: Any = metrics.structural_similarity  # untyped
-        ssim = float(structural_similarity(original.astype(np.float64), decoded.astype(np.float64),
-                                           data_range=float(span)))
-    return {"max_error": max_error, "mse": mse, "psnr": 10.0 * math.log10(peak * peak / mse),
-            "range_psnr": 10.0 * math.log10(span * span / mse), "ssim": ssim}
-
-
-def decode_manifest(manifest_path: Path) -> dict[str, Any]:
-    """Decode every item the manifest lists from its files, timing each decode, and measure it against the
-    originals. Meant to run in a fresh process (``python -m archive.bench_rd --decode``)."""
-    folder = manifest_path.parent
-    manifest = json.loads(manifest_path.read_text())
-    with np.load(folder / manifest["originals"]) as store:
-        originals = [store[f"i{i}"] for i in range(len(manifest["images"]))]
-    contexts = {name: (folder / name).read_bytes() for name in manifest["contexts"]}
-    codec_ids = {item["actual"] for row in manifest["rows"] for item in row["items"] if item["decoder"] == "frame"}
-    from archive.codecs.registry import codec_class
-    for codec_id in codec_ids:  # imports only, before any clock: a server has its codecs loaded
-        codec_class(codec_id)
-    rows_out: list[dict[str, Any]] = []
-    with threadpool_limits(1):
-        for row in manifest["rows"]:
-            blob = (folder / row["blob"]).read_bytes()
-            items_out: list[dict[str, Any]] = []
-            for item in row["items"]:
-                data = blob[item["start"]:item["start"] + item["length"]]
-                original = originals[item["image"]]
-                context = contexts[item["context"]] if item["context"] else None
-                started = time.perf_counter()
-                try:
-                    decoded = _decode_item(item, data, context, original.dtype)
-                    ms = (time.perf_counter() - started) * 1000.0
-                except Exception as exc:  # noqa: BLE001 -- a decode failure is a result, reported per item
-                    items_out.append({"error": f"{type(exc).__name__}: {exc}"})
-                    continue
-                if decoded.shape != original.shape:
-                    items_out.append({"error": f"decoded shape {decoded.shape}, expected {original.shape}"})
-                    continue
-                metrics = image_metrics(original, decoded, int(manifest["images"][item["image"]]["peak"]))
-                items_out.append({"decode_ms": ms, "crc32": _crc(decoded), **metrics})
-            rows_out.append({"index": row["index"], "items": items_out})
-    return {"pid": os.getpid(), "rows": rows_out}
 
 
 def _write_manifest(folder: Path, images: Sequence[RdImage], encoded: Mapping[int, list[Encoded]],
@@ -513,7 +441,7 @@ def _decode_fresh(manifest: Path) -> dict[str, Any]:
     root = str(Path(archive.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     result_path = manifest.with_name("decoded.json")
-    done = subprocess.run([sys.executable, "-m", "archive.bench_rd", "--decode", str(manifest),
+    done = subprocess.run([sys.executable, "-m", "archive.bench_rd_decode", "--decode", str(manifest),
                            "--result", str(result_path)], capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise ArchiveError(f"decode process failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -733,18 +661,6 @@ def run_rd_benchmark(
     return out
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
-
-
 def wcss_elbow(groups: Mapping[str, Sequence[RdImage]]) -> list[dict[str, Any]]:
     """WCSS against k for a few images per modality: exact 1-D k-means on the histogram (Ckmeans.1d.dp)."""
     import ckwrap
@@ -821,20 +737,3 @@ def print_rd_benchmark(result: Mapping[str, Any], console: Console) -> None:
     for note in result["notes"]:
         console.print(f"• {note}", markup=False)
     console.print("• * = anchor, measured in the same run on the same images", markup=False)
-
-
-# ------------------------------------------------------------------------------------------------- entry
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m archive.bench_rd --decode MANIFEST --result OUT``: the fresh decoding process."""
-    parser = argparse.ArgumentParser(prog="python -m archive.bench_rd")
-    parser.add_argument("--decode", type=Path, required=True, help="manifest.json written by the benchmark")
-    parser.add_argument("--result", type=Path, required=True, help="where to write the decode report (JSON)")
-    args = parser.parse_args(argv)
-    args.result.write_text(json.dumps(_json_safe(decode_manifest(args.decode))))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Annotated
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -68,3 +71,14 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return str(n)
+
+
+def run_benchmark(run: Callable[..., Any], show: Callable[[Any, Console], None], folder: Path,
+                  options: dict[str, Any], as_json: bool) -> None:
+    """One benchmark command: JSON on stdout, or a status line while it runs and then its tables."""
+    if as_json:
+        console.print_json(json.dumps(run(folder, **options), default=str))
+        return
+    with err_console.status("benchmark…") as status:
+        result = run(folder, progress=status.update, **options)
+    show(result, console)

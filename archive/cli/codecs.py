@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from archive.cli._app import bench_app, console, err_console
+from archive.cli._app import bench_app, run_benchmark
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -39,12 +38,7 @@ def bench_rd(
 
     options: dict[str, Any] = dict(out_dir=out, slices=slices, bounds=_ints(bounds), variances=_floats(variances),
                                    ks=_ints(ks), j2k_rates=_floats(j2k_rates))
-    if as_json:
-        console.print_json(json.dumps(run_rd_benchmark(folder, **options), default=str))
-        return
-    with err_console.status("benchmark…") as status:
-        result = run_rd_benchmark(folder, progress=status.update, **options)
-    print_rd_benchmark(result, console)
+    run_benchmark(run_rd_benchmark, print_rd_benchmark, folder, options, as_json)
 
 
 @bench_app.command("auto")
@@ -60,9 +54,4 @@ def bench_auto(
     from archive.bench_auto import print_auto_benchmark, run_auto_benchmark
 
     options: dict[str, Any] = dict(min_instances=min_instances, max_encode_ms=max_encode_ms)
-    if as_json:
-        console.print_json(json.dumps(run_auto_benchmark(folder, **options), default=str))
-        return
-    with err_console.status("benchmark…") as status:
-        result = run_auto_benchmark(folder, progress=status.update, **options)
-    print_auto_benchmark(result, console)
+    run_benchmark(run_auto_benchmark, print_auto_benchmark, folder, options, as_json)

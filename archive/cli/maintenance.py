@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from archive.cli._app import app, bench_app, console, db_app, err_console, human, open_archive
+from archive.cli._app import app, bench_app, console, db_app, human, open_archive, run_benchmark
 from archive.cli._format import short_uid
 from archive.config import Settings
 from archive.errors import NotFoundError
@@ -45,12 +45,7 @@ def bench_ingest(
     from archive.bench import print_ingest_benchmark, run_ingest_benchmark
 
     options: dict[str, Any] = dict(jobs=jobs, repeat=repeat, database_url=database_url, workdir=workdir)
-    if as_json:
-        console.print_json(json.dumps(run_ingest_benchmark(folder, **options)))
-        return
-    with err_console.status("benchmark…") as status:
-        result = run_ingest_benchmark(folder, progress=status.update, **options)
-    print_ingest_benchmark(result, console)
+    run_benchmark(run_ingest_benchmark, print_ingest_benchmark, folder, options, as_json)
 
 
 @bench_app.command("normalize")
@@ -77,12 +72,7 @@ def bench_normalize(
 
     options: dict[str, Any] = {"slices": slices, "repeat": repeat, "ingest": ingest, "ingest_repeat": ingest_repeat,
                                "jobs": jobs, "workdir": workdir}
-    if as_json:
-        console.print_json(json.dumps(run_normalize_benchmark(folder, **options)))
-        return
-    with err_console.status("benchmark…") as status:
-        result = run_normalize_benchmark(folder, progress=status.update, **options)
-    print_normalize_benchmark(result, console)
+    run_benchmark(run_normalize_benchmark, print_normalize_benchmark, folder, options, as_json)
 
 
 JSON_HELP = "Print the result as JSON (full UIDs and digests) instead of a summary."

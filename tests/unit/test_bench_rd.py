@@ -14,12 +14,12 @@ from rich.console import Console
 
 from archive.bench_rd import (
     encode_jls_near,
-    image_metrics,
     load_images,
     print_rd_benchmark,
     row_specs,
     run_rd_benchmark,
 )
+from archive.bench_rd_decode import image_metrics
 from archive.codecs import get_codec
 from tests.conftest import shared_data
 
