@@ -223,7 +223,8 @@ def _decode(uow: UnitOfWork, source: _Source) -> list[np.ndarray]:
 
 
 def _fit_sample(uow: UnitOfWork, source: _Source, own: list[np.ndarray]) -> list[np.ndarray]:
-    """Frames of up to FIT_SAMPLE instances of the series, spread evenly, this one's included (deterministic)."""
+    """Frames of up to FIT_SAMPLE instances of the series, spread evenly: the same sample whichever instance
+    asks, so two workers fitting the series at once make the same context blob."""
     rows = uow.session.execute(
         select(Instance.id).where(Instance.series_id == source.series_id, Instance.status == InstanceStatus.STORED,
                                   Instance.storage_mode == StorageMode.PIXELS)
@@ -234,6 +235,9 @@ def _fit_sample(uow: UnitOfWork, source: _Source, own: list[np.ndarray]) -> list
     frames: list[np.ndarray] = []
     shape = own[0].shape
     for other_id in picks:
+        if other_id == source.instance_id:  # decoded already
+            frames.extend(own)
+            continue
         other = uow.session.get(Instance, other_id)
         assert other is not None
         encoding = next((e for e in other.encodings if e.is_current), None)
