@@ -6,7 +6,9 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY archive archive
 COPY workers workers
 COPY migrations migrations
-# editable: Alembic's migrations/ stays beside the package it belongs to
-RUN pip install --no-cache-dir -e '.[flower]'
+# editable: Alembic's migrations/ stays beside the package it belongs to; torch from its CPU index
+# (PyPI's default Linux wheel brings CUDA; an image for a GPU worker uses TORCH_INDEX=.../whl/cu128)
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" -e '.[flower]'
 VOLUME ["/data"]
 ENTRYPOINT ["medarchive"]

@@ -116,6 +116,7 @@ class Settings:
     broker_url: str = ""  # default: kombu's SQLAlchemy transport on SQLite under home
     result_backend: str = ""  # default: Redis when the broker is Redis, else SQLite under home
     queue: str = "medarchive"
+    learned_queue: str = "medarchive-learned"  # tasks whose codec runs a learned model (archive.kinds.Lane)
     visibility_timeout: float = 900.0  # seconds before Redis redelivers an unacknowledged task
     task_time_limit: float = 600.0  # hard limit for one task (a chunk of instances)
     instance_time_limit: float = 120.0  # limit for one instance inside a task

@@ -34,6 +34,17 @@ class JobKind(str, enum.Enum):
     NORMALIZE = "normalize"  # items are source series (their first instance)
 
 
+class Lane(str, enum.Enum):
+    """Which worker queue a job task is sent to.
+
+    Learned codecs get a queue of their own (setting ``learned_queue``) so that machines
+    with a GPU or many cores can take that work while the others keep ingesting.
+    """
+
+    DEFAULT = "default"
+    LEARNED = "learned"
+
+
 class DerivationKind(str, enum.Enum):
     """What made a derived series (``derivations.kind``)."""
 

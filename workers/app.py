@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         task_default_queue=settings.queue,
+        medarchive_learned_queue=settings.learned_queue,  # read by workers.tasks.queue_of
         # no task events by default (a Redis write per task); Flower switches them on while it runs
         worker_send_task_events=False,
         result_expires=timedelta(days=1),

@@ -12,6 +12,6 @@ from __future__ import annotations
 
 from workers.app import app as celery_app
 from workers.supervisor import run_all
-from workers.tasks import broker_unavailable, dispatch_task, queue_depth, require_broker
+from workers.tasks import broker_unavailable, dispatch_task, queue_depth, queue_of, require_broker
 
-__all__ = ["broker_unavailable", "celery_app", "dispatch_task", "queue_depth", "require_broker", "run_all"]
+__all__ = ["broker_unavailable", "celery_app", "dispatch_task", "queue_depth", "queue_of", "require_broker", "run_all"]

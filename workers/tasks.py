@@ -18,7 +18,7 @@ from sqlalchemy import select
 from archive.catalog.models import JobItem
 from archive.config import Settings
 from archive.errors import TransientError, UnavailableError
-from archive.kinds import ItemOutcome
+from archive.kinds import ItemOutcome, Lane
 from archive.services import integrity, jobs, sweeps
 from archive.services.runtime import Archive
 from workers.app import app
@@ -49,9 +49,14 @@ def _reconcile_on_start(**_: Any) -> None:
     reconcile.apply_async(countdown=1)
 
 
-def dispatch_task(task_id: int) -> str:
-    """The services' dispatcher: one broker message per job task."""
-    return str(process_task.apply_async(args=(task_id,)).id)
+def dispatch_task(task_id: int, lane: Lane = Lane.DEFAULT) -> str:
+    """The services' dispatcher: one broker message per job task, on its lane's queue."""
+    return str(process_task.apply_async(args=(task_id,), queue=queue_of(lane)).id)
+
+
+def queue_of(lane: Lane) -> str:
+    """The Celery queue of a lane (settings ``queue`` and ``learned_queue``)."""
+    return str(app.conf.task_default_queue) if lane is Lane.DEFAULT else str(app.conf.medarchive_learned_queue)
 
 
 def _broker_for_display(url: str) -> str:

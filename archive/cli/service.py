@@ -12,6 +12,7 @@ import typer
 from archive.cli._app import app, console, err_console, human, open_archive
 from archive.cli.browse import print_jobs
 from archive.config import Settings
+from archive.kinds import Lane
 from archive.services import jobs, query, sweeps
 from archive.services.recompress import RecompressPlan
 from archive.services.runtime import Archive
@@ -46,13 +47,17 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
     name: Annotated[str, typer.Option(help="Celery node name.")] = "medarchive@%h",
     loglevel: Annotated[str, typer.Option()] = "INFO",
+    lanes: Annotated[Optional[list[Lane]], typer.Option(
+        "--lane", help="Queues taken: default, learned (the learned codecs' work; give a GPU or many-core machine "
+                       "--lane learned). Repeatable; default: both.")] = None,
 ) -> None:
     """Start one Celery worker (production: one per container, scale the service)."""
     Settings.load().home.mkdir(parents=True, exist_ok=True)  # the embedded broker lives there
-    from workers.service import celery_app
+    from workers.service import celery_app, queue_of
 
+    queues = ",".join(queue_of(lane) for lane in (lanes or list(Lane)))
     celery_app.worker_main(["worker", "--concurrency", str(concurrency), "--hostname", name,
-                            "--loglevel", loglevel, "--queues", celery_app.conf.task_default_queue])
+                            "--loglevel", loglevel, "--queues", queues])
 
 
 @app.command()
@@ -134,7 +139,7 @@ def recompress(
 
             require_broker()
         else:
-            def dispatcher(task_id: int) -> str:
+            def dispatcher(task_id: int, lane: Lane = Lane.DEFAULT) -> str:
                 jobs.run_task(archive, task_id)
                 return f"inline-{task_id}"
         report = sweeps.start_sweep(archive, policy, dispatcher, limit=limit, respect_window=False)

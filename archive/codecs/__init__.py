@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from archive.codecs.base import Codec
 from archive.codecs.frame import FrameHeader, decode_frame, read_frame_header
-from archive.codecs.registry import get_codec, register_codec, registered_codecs
+from archive.codecs.registry import get_codec, register_codec, registered_codecs, uses_learned_codec
 
 DEFAULT_CODEC_CONFIG: Final[dict[str, Any]] = {"id": "jpegls"}
 
@@ -23,4 +23,5 @@ __all__ = [
     "read_frame_header",
     "register_codec",
     "registered_codecs",
+    "uses_learned_codec",
 ]

@@ -67,7 +67,10 @@ class BoundedConfig(CodecConfig):
             raise CodecError("bounded cannot wrap bounded: only the outer bound counts")
         from archive.codecs.registry import get_codec
 
-        get_codec(self.inner)  # raises CodecError on a bad inner config
+        inner = get_codec(self.inner)  # raises CodecError on a bad inner config
+        if not type(inner).deterministic:
+            raise CodecError(f"bounded cannot wrap {inner.codec_id!r}: its reconstruction may differ by a unit on "
+                             "another machine, so no bound on the residual could be promised")
         try:
             json.dumps(self.inner, sort_keys=True)
         except (TypeError, ValueError) as exc:

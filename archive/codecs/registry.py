@@ -24,9 +24,15 @@ BUILTIN_CODECS: Final[dict[str, str]] = {
     "kmeans": "archive.codecs.kmeans:KMeansCodec",
     "bounded": "archive.codecs.bounded:BoundedCodec",
     "auto": "archive.codecs.auto:AutoCodec",
+    # learned codecs (archive/learned): their workers can take a queue of their own (setting learned_queue)
+    "learned": "archive.codecs.learned:LearnedCodec",
+    "gan": "archive.codecs.gan:GanCodec",
     # decodes original lossless fragments kept at ingest; not configurable (from_config refuses)
     "dicom-fragment": "archive.codecs.fragment:FragmentCodec",
 }
+
+#: Codecs that run a learned model: their work goes to the learned queue (see :class:`archive.kinds.Lane`).
+LEARNED_CODECS: Final[frozenset[str]] = frozenset({"learned", "gan"})
 
 #: The lossless standard codecs, in the order a trial lists them.
 LOSSLESS_STANDARD: Final[tuple[str, ...]] = ("jpegls", "jpeg2000", "htj2k", "jpegxl", "zstd")
@@ -75,6 +81,17 @@ def codec_class(codec_id: str) -> type[Codec]:
         raise CodecError(f"codec {codec_id!r} is not available: {exc}") from exc
     _LOADED[codec_id] = loaded
     return loaded  # type: ignore[no-any-return]
+
+
+def uses_learned_codec(config: object) -> bool:
+    """Whether a codec config runs a learned model anywhere (as itself, a bounded inner or an auto candidate)."""
+    if isinstance(config, Mapping):
+        if config.get("id") in LEARNED_CODECS:
+            return True
+        return any(uses_learned_codec(v) for k, v in config.items() if k in ("inner", "candidates"))
+    if isinstance(config, (list, tuple)):
+        return any(uses_learned_codec(c) for c in config)
+    return False
 
 
 def get_codec(config: Mapping[str, Any]) -> Codec:

@@ -43,7 +43,7 @@ from archive.dicom.derive import (
 )
 from archive.dicom.geometry import plane_geometries
 from archive.dicom.writer import read_header, to_part10
-from archive.errors import ArchiveError, BlobCorruptError, NotFoundError, QualityError
+from archive.errors import ArchiveError, BlobCorruptError, CodecError, ConfigError, NotFoundError, QualityError
 from archive.kinds import DerivationKind, EncodingKind, ItemOutcome, StorageMode
 from archive.services.blobs import decode_encoding, read_context
 from archive.services.encoding import encode_frames, pixel_hash
@@ -118,9 +118,29 @@ def lossy_params(policy: RecompressPolicy) -> tuple[dict[str, Any], str]:
     return params, params_sha256(params)
 
 
+def policy_codec(policy: RecompressPolicy, modality: str | None = None) -> Codec:
+    """The policy's codec for a series of ``modality``.
+
+    A codec whose reconstruction is not bit-exact across machines (``deterministic = False``:
+    the GAN) is refused where a per-pixel bound is promised; a codec conditioned on the modality
+    (``"modality": "auto"``) gets the series' own ("OT" when the codec does not know it).
+    """
+    codec = get_codec(policy.codec)
+    if not type(codec).deterministic and (policy.max_error or codec.max_error is not None):
+        raise ConfigError(f"policy {policy.name}: {codec.codec_id} cannot promise a per-pixel bound (its decoder is "
+                          "not bit-exact across machines); remove max_error or use a deterministic codec")
+    config = codec.get_config()
+    if config.get("modality") == "auto" and modality is not None:
+        try:
+            return get_codec({**config, "modality": modality or "OT"})
+        except CodecError:
+            return get_codec({**config, "modality": "OT"})
+    return codec
+
+
 def derive_lossy(archive: Archive, instance_id: int, policy: RecompressPolicy) -> LossyResult:
     """Make (or find) the lossy derivative of one original instance under ``policy``; idempotent."""
-    codec = get_codec(policy.codec)
+    codec = policy_codec(policy)
     if codec.lossless:
         raise ArchiveError(f"policy {policy.name}: {codec.codec_id} is lossless; it re-encodes in place")
     params, sha = lossy_params(policy)
@@ -145,6 +165,7 @@ def derive_lossy(archive: Archive, instance_id: int, policy: RecompressPolicy) -
         if why_not is not None:
             return LossyResult(instance_id, ItemOutcome.SKIPPED, why_not, 0, 0, study_id)
         source = _source(uow, instance)
+        codec = policy_codec(policy, instance.series.modality or "")
         derived_series = derived_series_uid(source.series_uid, sha, version)
         context_digest = uow.session.scalar(
             select(Encoding.context_blob).join(Instance, Instance.id == Encoding.instance_id)

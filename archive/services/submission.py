@@ -4,7 +4,7 @@ A job's instances are :class:`JobItem` rows grouped into :class:`JobTask`
 chunks (at most ``chunk_size`` instances of one study: a big series is split,
 small series share a chunk); a broker message carries a task id and nothing
 else. Celery is not imported here: callers hand in a ``dispatcher`` that sends
-a message for a task id.
+a message for a task id on a :class:`Lane` (learned codecs have a queue of their own).
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from sqlalchemy.orm import Session
 from archive.catalog.models import Job, JobItem, JobStatus, JobTask
 from archive.clock import utcnow
 from archive.dicom.reader import peek_uids
-from archive.kinds import JobKind
+from archive.codecs import uses_learned_codec
+from archive.kinds import JobKind, Lane
 from archive.services.discovery import discover
 from archive.services.encoding import archive_codec
 from archive.services.failures import is_transient
 from archive.services.outcomes import FileOutcome
 from archive.services.runtime import Archive
 
-Dispatcher = Callable[[int], str]  # sends one message for a JobTask id, returns the message id
+Dispatcher = Callable[[int, Lane], str]  # sends one message for a JobTask id on a lane, returns the message id
 UNREADABLE = ""  # group key of files whose Study Instance UID cannot be read
 
 
@@ -101,9 +102,10 @@ def _chunks(items: Sequence[ItemSpec], size: int) -> list[tuple[str | None, list
 def dispatch(archive: Archive, task_ids: Sequence[int], dispatcher: Dispatcher) -> int:
     """Send one message per task and record when; a failure to send leaves the task to the reconciler."""
     sent: list[tuple[int, str]] = []
+    lanes = task_lanes(archive, task_ids)
     try:
         for task_id in task_ids:
-            sent.append((task_id, dispatcher(task_id)))
+            sent.append((task_id, dispatcher(task_id, lanes.get(task_id, Lane.DEFAULT))))
     except Exception as exc:
         if not is_transient(exc):
             raise
@@ -116,6 +118,22 @@ def dispatch(archive: Archive, task_ids: Sequence[int], dispatcher: Dispatcher) 
                     celery_id=message_id, dispatched_at=now, dispatches=JobTask.dispatches + 1))
             uow.commit()
     return len(sent)
+
+
+def task_lanes(archive: Archive, task_ids: Sequence[int]) -> dict[int, Lane]:
+    """The lane of each task: LEARNED when its job's codec (a policy's, or the archive's for ingest) runs a model."""
+    if not task_ids:
+        return {}
+    ingest_learned = uses_learned_codec(archive.settings.codec)
+    lanes: dict[int, Lane] = {}
+    with archive.unit_of_work() as uow:
+        rows = uow.session.execute(select(JobTask.id, Job.kind, Job.params).join(Job, Job.id == JobTask.job_id)
+                                   .where(JobTask.id.in_(list(task_ids))))
+        for task_id, kind, params in rows:
+            codec = (params or {}).get("codec")
+            learned = uses_learned_codec(codec) if codec is not None else kind is JobKind.INGEST and ingest_learned
+            lanes[task_id] = Lane.LEARNED if learned else Lane.DEFAULT
+    return lanes
 
 
 def job_task_ids(session: Session, job_id: int) -> list[int]:

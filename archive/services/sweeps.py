@@ -49,11 +49,12 @@ def start_sweep(
     now: datetime | None = None,
 ) -> SweepReport:
     """Resume this policy's open job, or queue the next ``batch_size`` candidates as a new one."""
+    from archive.services.lossy import policy_codec
     from archive.services.recompress import select_candidates
 
     settings = archive.settings
     policy = settings.policy(policy_name)
-    get_codec(policy.codec)  # a bad target config fails here, not in every worker
+    policy_codec(policy)  # a bad target config (or a bound its codec cannot keep) fails here, not in every worker
     report = SweepReport(policy=policy_name)
     if respect_window and not policy.in_window(now.time() if now is not None else None):
         report.action = "outside window"

@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 
 from archive.catalog.models import Instance, Job, JobItem, JobStatus
 from archive.config import Settings
+from archive.kinds import Lane
 from archive.services.runtime import Archive
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,9 +61,11 @@ class Service:
         self.processes[name] = process
         return process
 
-    def start_worker(self, name: str = "worker", concurrency: int = 1, **extra_env: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str = "worker", concurrency: int = 1, lane: Lane | None = None,
+                     **extra_env: str) -> subprocess.Popen[bytes]:
+        lanes = ("--lane", lane.value) if lane is not None else ()
         return self.start(name, "worker", "--concurrency", str(concurrency), "--name", f"{name}-{os.getpid()}@%h",
-                          "--loglevel", "INFO", extra_env=extra_env)
+                          "--loglevel", "INFO", *lanes, extra_env=extra_env)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal a role's whole process group (a Celery worker's main process and its pool)."""
@@ -92,12 +95,14 @@ class Service:
             parts.append(f"--- {name} ---\n" + "\n".join(text))
         return "\n".join(parts)
 
-    def dispatcher(self) -> Callable[[int], str]:
-        """Send job tasks from the test process, as the watcher or the CLI would."""
+    def dispatcher(self) -> Callable[[int, Lane], str]:
+        """Send job tasks from the test process, as the watcher or the CLI would (each on its lane's queue)."""
         from workers.app import create_app
 
         app = create_app(self.settings)
-        return lambda task_id: str(app.send_task("medarchive.process_task", args=(task_id,)).id)
+        queues = {Lane.DEFAULT: self.settings.queue, Lane.LEARNED: self.settings.learned_queue}
+        return lambda task_id, lane: str(app.send_task("medarchive.process_task", args=(task_id,),
+                                                       queue=queues[lane]).id)
 
     def wait_for(self, condition: Callable[[], Any], timeout: float, what: str) -> Any:
         deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from archive.catalog.models import Derivation, Instance, Job, JobStatus, Series, Study
 from archive.config import Settings
-from archive.kinds import JobKind, NormalizeOutcome, Variant
+from archive.kinds import JobKind, Lane, NormalizeOutcome, Variant
 from archive.normalize.profiles import DEFAULT_PROFILES, NormalizeProfile
 from archive.services import jobs
 from archive.services.ingest import ingest_paths
@@ -147,12 +147,12 @@ def test_normalization_off_then_the_sweep_catches_up_through_the_job_protocol(tm
     off = _open(tmp_path, normalize=False)
     report = ingest_paths(off, [ct_folder])
     assert report.normalized == []
-    assert start_normalize_sweep(off, lambda task_id: "x").action == "normalization is off"
+    assert start_normalize_sweep(off, lambda task_id, lane: "x").action == "normalization is off"
     off.close()
 
     on = _open(tmp_path)
 
-    def inline(task_id: int) -> str:
+    def inline(task_id: int, lane: Lane) -> str:
         jobs.run_task(on, task_id)
         return f"inline-{task_id}"
 
@@ -170,7 +170,7 @@ def test_normalization_off_then_the_sweep_catches_up_through_the_job_protocol(tm
 def test_a_worker_ingest_job_normalizes_before_it_is_done(tmp_path: Path, ct_folder: Path) -> None:
     archive = _open(tmp_path)
 
-    def inline(task_id: int) -> str:
+    def inline(task_id: int, lane: Lane) -> str:
         jobs.run_task(archive, task_id)
         return f"inline-{task_id}"
 

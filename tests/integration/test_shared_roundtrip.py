@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 
 from archive.services.ingest import Outcome, ingest_paths
 from archive.services.query import list_quarantine

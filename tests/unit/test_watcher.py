@@ -12,6 +12,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from archive.catalog.models import Job, JobItem
+from archive.kinds import Lane
 from archive.services.runtime import Archive
 from archive.watcher import InboxWatcher, is_ignored
 from tests.conftest import shared_data
@@ -32,7 +33,8 @@ def sqlite_watch(sqlite_archive: Archive, tmp_path: Path) -> tuple[InboxWatcher,
     clock = Clock()
     sent: list[int] = []
 
-    def dispatcher(task_id: int) -> str:
+    def dispatcher(task_id: int, lane: Lane) -> str:
+        assert lane is Lane.DEFAULT  # the archive's codec (jpegls) runs no model
         sent.append(task_id)
         return str(task_id)
 
@@ -119,7 +121,8 @@ def test_spooled_jobs_stays_bounded_over_many_studies(sqlite_archive: Archive, t
     clock = Clock()
     sent: list[int] = []
 
-    def dispatcher(task_id: int) -> str:
+    def dispatcher(task_id: int, lane: Lane) -> str:
+        assert lane is Lane.DEFAULT  # the archive's codec (jpegls) runs no model
         sent.append(task_id)
         return str(task_id)
 

@@ -21,6 +21,7 @@ from sqlalchemy import select, update
 
 from archive.catalog.models import Instance, ItemStatus, Job, JobItem, JobStatus, JobTask, QuarantineEntry, Study
 from archive.errors import InstanceTimeLimitExceeded
+from archive.kinds import Lane
 from archive.services import executors, jobs, leases, submission
 from archive.services import spool as spooling
 from archive.services.runtime import Archive
@@ -33,7 +34,8 @@ class Recorder:
     def __init__(self) -> None:
         self.sent: list[int] = []
 
-    def __call__(self, task_id: int) -> str:
+    def __call__(self, task_id: int, lane: Lane) -> str:
+        assert lane is Lane.DEFAULT  # these jobs' codecs run no model (tests/unit/services/test_lanes.py)
         self.sent.append(task_id)
         return f"message-{task_id}-{len(self.sent)}"
 
@@ -190,7 +192,7 @@ def test_reconciler_resends_lost_and_unsent_tasks(archive: Archive, study_files:
 def test_a_broker_that_is_down_leaves_tasks_to_the_reconciler(archive: Archive, study_files: Path) -> None:
     import kombu.exceptions
 
-    def down(task_id: int) -> str:
+    def down(task_id: int, lane: Lane) -> str:
         raise kombu.exceptions.OperationalError("Error 111 connecting to 127.0.0.1:6399. Connection refused.")
 
     [job_id], _ = jobs.submit_paths(archive, [study_files], down)

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from archive.catalog.models import Blob, Derivation, Encoding, Instance, InstanceStatus
 from archive.config import RecompressPolicy
 from archive.errors import ConfigError, LossyOnlyError
-from archive.kinds import DerivationKind, ItemOutcome, Variant
+from archive.kinds import DerivationKind, ItemOutcome, Lane, Variant
 from archive.services.ingest import Outcome, ingest_paths
 from archive.services.integrity import collect_garbage, verify_blobs
 from archive.services.lossy import lossy_method
@@ -188,7 +188,7 @@ def test_a_sweep_does_not_retry_what_its_floor_kept_lossless(sqlite_archive: Arc
     strict = RecompressPolicy(name="floor", codec=NEAR2, min_psnr=200.0)
     archive = Archive.open(dataclasses.replace(sqlite_archive.settings, policies={"floor": strict}))
     try:
-        def run_inline(task_id: int) -> str:
+        def run_inline(task_id: int, lane: Lane) -> str:
             jobs.run_task(archive, task_id)
             return f"inline-{task_id}"
 

@@ -127,6 +127,7 @@ def test_candidates_follow_the_policy(archive: Archive, tmp_path: Path) -> None:
     ct, mr, emri, lossy = ids["CT_small.dcm"], ids["MR_small.dcm"], ids["emri_small.dcm"], ids["JPEG-lossy.dcm"]
 
     assert _candidates(archive, TO_JPEGXL) == sorted([ct, mr, emri])  # the passthrough JPEG never
+    assert lossy not in _candidates(archive, RecompressPolicy("p", JPEGXL, modalities=("CT",)))
     assert _candidates(archive, RecompressPolicy("p", JPEGXL, modalities=("MR",))) == sorted([mr, emri])
     assert _candidates(archive, RecompressPolicy("p", JPEGXL, modalities=("CT", "NM"))) == [ct]
     assert _candidates(archive, RecompressPolicy("p", JPEGXL, from_codecs=("jpegls",))) == sorted([ct, emri])

@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from archive.catalog.models import Encoding, ItemStatus, Job, JobItem, JobStatus
 from archive.config import RecompressPolicy
+from archive.kinds import Lane
 from archive.services import jobs
 from archive.services.ingest import ingest_paths
 from archive.services.runtime import Archive
@@ -35,7 +36,8 @@ class Recorder:
     def __init__(self) -> None:
         self.sent: list[int] = []
 
-    def __call__(self, task_id: int) -> str:
+    def __call__(self, task_id: int, lane: Lane) -> str:
+        assert lane is Lane.DEFAULT  # these jobs' codecs run no model (tests/unit/services/test_lanes.py)
         self.sent.append(task_id)
         return str(task_id)
 
