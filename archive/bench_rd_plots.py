@@ -72,6 +72,47 @@ def write_plots(result: Mapping[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
+def write_learned_plots(part: Mapping[str, Any], out_dir: Path) -> list[Path]:
+    """The learned part: bpp against N for learned and its anchors; PSNR against bpp for gan and JPEG 2000 at
+    equal bpp. One column per modality (validation images)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in part["rows"] if r["status"] == "ok" and r.get("bpp") is not None]
+    modalities = sorted({r["modality"] for r in rows}) or ["-"]
+    fig, axes = plt.subplots(2, len(modalities), figsize=(6.5 * len(modalities), 9.0), squeeze=False)
+    for col, modality in enumerate(modalities):
+        mine = [r for r in rows if r["modality"] == modality]
+        top, bottom = axes[0][col], axes[1][col]
+        for family, members in _families(mine).items():
+            anchor = bool(members[0]["anchor"])
+            style = {"linestyle": "--" if anchor else "-", "marker": "s" if anchor else "o", "markersize": 4}
+            if members[0].get("bound") is not None:
+                by_n = sorted((int(r["bound"]), float(r["bpp"])) for r in members)
+                top.plot([p[0] for p in by_n], [p[1] for p in by_n], label=family, **style)
+            elif all(r.get("psnr") is not None for r in members):
+                points = sorted((float(r["bpp"]), float(r["psnr"])) for r in members)
+                bottom.plot([p[0] for p in points], [p[1] for p in points], label=family, **style)
+        top.set_xlabel("max |error| N (0 = lossless)")
+        top.set_ylabel("bits per pixel")
+        top.set_title(f"{modality} (validation): learned and its anchors")
+        bottom.set_xscale("log")
+        bottom.set_xlabel("bits per pixel (real bitstream)")
+        bottom.set_ylabel("PSNR (dB), peak 2^BitsStored-1")
+        bottom.set_title(f"{modality} (validation): gan and JPEG 2000 at equal bpp")
+        for ax in (top, bottom):
+            ax.grid(True, alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "rd_learned.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]
+
+
 def _families(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
     out: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:

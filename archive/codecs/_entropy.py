@@ -120,6 +120,15 @@ def put_varint(out: bytearray, value: int) -> None:
             return
 
 
+def zigzag(value: int) -> int:
+    """A signed integer as an unsigned one for a varint: 0, -1, 1, -2 ... -> 0, 1, 2, 3 ..."""
+    return value * 2 if value >= 0 else -value * 2 - 1
+
+
+def unzigzag(value: int) -> int:
+    return value // 2 if value % 2 == 0 else -(value + 1) // 2
+
+
 def get_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
     """Read a LEB128 varint at ``pos``; returns (value, new position)."""
     value = 0

@@ -83,6 +83,7 @@ def save_bundle(out_dir: Path, tensors: dict[str, npt.NDArray[Any]], manifest: d
     weights = out_dir / WEIGHTS
     tmp = weights.with_suffix(".tmp")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+    os.chmod(tmp, 0o644)  # shipped in the package: readable by whoever runs it
     os.replace(tmp, weights)
     full = {
         **manifest,

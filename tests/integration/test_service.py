@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy import select
 
 from archive.catalog.models import Encoding, Instance, ItemStatus, Job, JobItem, QuarantineEntry, Series, Study
+from archive.kinds import Lane
 from archive.services.jobs import submit_paths
 from archive.services.retrieve import retrieve_study
 from archive.services.runtime import Archive
@@ -38,6 +39,7 @@ MR_GE = "mr-ge-signa"  # one study, two series (21 + 50 instances)
 
 def _service(tmp_path: Path, database_url: str, broker_url: str, **extra: str) -> Service:
     home = tmp_path / "home"
+    queue = f"medarchive-test-{uuid.uuid4().hex[:12]}"
     config = tmp_path / "medarchive.toml"
     config.write_text(
         '[policies.ct-to-jpegxl]\ncodec = { id = "jpegxl", effort = 7 }\nmodalities = ["CT"]\n'
@@ -55,7 +57,8 @@ def _service(tmp_path: Path, database_url: str, broker_url: str, **extra: str) -
         "MEDARCHIVE_VISIBILITY_TIMEOUT": "20",
         "MEDARCHIVE_RECONCILE_INTERVAL": "2",
         "MEDARCHIVE_INSTANCE_TIME_LIMIT": "60",
-        "MEDARCHIVE_QUEUE": f"medarchive-test-{uuid.uuid4().hex[:12]}",  # concurrent test runs share Redis
+        "MEDARCHIVE_QUEUE": queue,  # concurrent test runs share Redis
+        "MEDARCHIVE_LEARNED_QUEUE": f"{queue}-learned",
         **extra,
     }
     if broker_url:
@@ -319,6 +322,39 @@ def test_recompression_sweep_interrupted_and_resumed(service: Service, tmp_path:
     assert set(retrieved) == set(originals)
     for uid, values in originals.items():
         assert np.array_equal(stored_values(pydicom.dcmread(retrieved[uid])), values)
+
+
+def test_learned_codec_work_waits_for_a_worker_on_the_learned_lane(tmp_path: Path, postgres_url: str) -> None:
+    """The archive's codec is the learned one: its ingest tasks go to the learned queue, which only a worker
+    started with ``--lane learned`` takes; what it stores retrieves bit-exactly."""
+    import redis
+
+    _reset_postgres(postgres_url)
+    service = _service(tmp_path, postgres_url, REDIS_TEST_DB, MEDARCHIVE_CODEC="learned", MEDARCHIVE_NORMALIZE="off")
+    try:
+        source = tmp_path / "mr"
+        source.mkdir()
+        for path in sorted((shared_data() / "mr-siemens-prisma").rglob("*.dcm"))[:3]:
+            shutil.copyfile(path, source / path.name)
+        originals = _originals(source)
+        service.start_worker(lane=Lane.DEFAULT)
+        with service.archive() as archive:
+            submit_paths(archive, [source], service.dispatcher())
+        learned_queue = service.settings.learned_queue
+        broker = redis.Redis.from_url(REDIS_TEST_DB)
+        assert broker.llen(learned_queue) == 1 and broker.llen(service.settings.queue) == 0
+        time.sleep(3)  # the default-lane worker is up and idle: the task waits for its lane
+        assert broker.llen(learned_queue) == 1 and service.jobs_finished(1) is None
+        service.start_worker(name="learned", lane=Lane.LEARNED)
+        service.wait_for(lambda: service.jobs_finished(1), 120, "the learned lane's worker to ingest")
+        with service.archive() as archive, archive.unit_of_work() as uow:
+            encodings = list(uow.session.scalars(select(Encoding).where(Encoding.is_current)))
+            assert len(encodings) == 3 and {e.codec_id for e in encodings} == {"learned"}
+            assert all(e.encode_ms > 0 and e.decode_ms > 0 for e in encodings)
+            study_uid = uow.session.scalars(select(Study.study_uid)).one()
+        _assert_retrieved_exactly(service, study_uid, originals, tmp_path / "out")
+    finally:
+        service.stop_all()
 
 
 def _study(path: Path) -> str:

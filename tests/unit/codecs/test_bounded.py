@@ -333,3 +333,10 @@ def test_config_round_trips_through_json() -> None:
     assert codec.get_config() == config
     assert codec.max_error == 4 and not codec.lossless
     assert "constriction" in codec.library_versions()
+
+
+def test_a_non_deterministic_inner_is_refused() -> None:
+    """The GAN's reconstruction may differ by a unit on another machine: no residual could keep a bound on it."""
+    with pytest.raises(CodecError, match="cannot wrap 'gan'"):
+        get_codec({"id": "bounded", "inner": {"id": "gan", "bpp": 0.1}, "max_error": 2})
+    assert get_codec({"id": "bounded", "inner": {"id": "learned", "max_error": 1}, "max_error": 2}).max_error == 2

@@ -21,6 +21,8 @@ LOSSY_CONFIGS: list[dict[str, Any]] = [
     {"id": "kmeans", "k": 64},
     {"id": "bounded", "inner": {"id": "pca", "variance": 0.98}, "max_error": 2},
     {"id": "bounded", "inner": {"id": "kmeans", "k": 64}, "max_error": 1},
+    {"id": "learned", "max_error": 2},
+    {"id": "gan", "bpp": 0.25, "modality": "CT"},
 ]
 IDS = [json.dumps(c, sort_keys=True) for c in LOSSY_CONFIGS]
 

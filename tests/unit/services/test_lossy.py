@@ -16,7 +16,7 @@ from archive.errors import ConfigError, LossyOnlyError
 from archive.kinds import DerivationKind, ItemOutcome, Lane, Variant
 from archive.services.ingest import Outcome, ingest_paths
 from archive.services.integrity import collect_garbage, verify_blobs
-from archive.services.lossy import lossy_method
+from archive.services.lossy import derive_lossy, lossy_method, policy_codec
 from archive.services.recompress import plan, recompress_instance, select_candidates
 from archive.services.retrieve import read_frame, retrieve
 from archive.services.runtime import Archive
@@ -202,3 +202,42 @@ def test_a_sweep_does_not_retry_what_its_floor_kept_lossless(sqlite_archive: Arc
             assert len(select_candidates(uow.session, relaxed, limit=None)) == 1  # a changed floor tries again
     finally:
         archive.close()
+
+
+def test_learned_codecs_make_lossy_derivatives_and_the_gan_promises_no_bound(sqlite_archive: Archive,
+                                                                              tmp_path: Path) -> None:
+    """``learned`` at N = 2 keeps its bound; the GAN gets the series' modality and is refused where a bound is
+    promised (its reconstruction may differ by a unit on another machine)."""
+    archive = sqlite_archive
+    copies = _ingest(archive, tmp_path / "in", sorted(CT.glob("*.dcm"))[:1])
+    (uid, instance_id), = _ids(archive).items()
+    original = _pixels(copies[uid])
+
+    bounded_gan = RecompressPolicy(name="gan-bounded", codec={"id": "gan", "bpp": 0.1}, max_error=4)
+    with pytest.raises(ConfigError, match="cannot promise a per-pixel bound"):
+        recompress_instance(archive, instance_id, bounded_gan)
+    assert policy_codec(RecompressPolicy(name="g", codec={"id": "gan", "bpp": 0.1}), "CT").get_config()[
+        "modality"] == "CT"
+    assert policy_codec(RecompressPolicy(name="g", codec={"id": "gan", "bpp": 0.1}), "XA").get_config()[
+        "modality"] == "OT"
+
+    for name, config in (("learned-n2", {"id": "learned", "max_error": 2}), ("gan", {"id": "gan", "bpp": 0.25})):
+        result = derive_lossy(archive, instance_id, RecompressPolicy(name=name, codec=config))
+        assert result.outcome is ItemOutcome.RECOMPRESSED, result.reason
+        with archive.unit_of_work() as uow:
+            derived = uow.session.scalars(select(Instance).where(
+                Instance.sop_instance_uid == result.derived_sop_instance_uid)).one()
+            encoding = uow.session.scalars(select(Encoding).where(Encoding.instance_id == derived.id)).one()
+            assert encoding.codec_id == config["id"] and encoding.encode_ms > 0 and encoding.decode_ms > 0
+            assert encoding.max_error_bound == (2 if name == "learned-n2" else None)
+            derived_uid, measured, psnr, bpp = (derived.sop_instance_uid, encoding.max_abs_error, encoding.psnr,
+                                                encoding.bits_per_pixel)
+            modality = encoding.codec_config.get("modality")
+        frame = read_frame(archive, derived_uid, 0)
+        error = np.abs(frame.astype(np.int64) - original.astype(np.int64))
+        assert error.max() == measured
+        if name == "learned-n2":
+            assert error.max() <= 2
+        else:
+            assert modality == "CT" and bpp <= 0.26  # the target, plus the frame container's header
+            assert psnr is not None and psnr > 50
