@@ -87,12 +87,19 @@ def require_broker(timeout: int = 5) -> None:
 
 
 def queue_depth() -> int | None:
-    """Messages waiting in the work queue, or None when the broker cannot say."""
+    """Messages waiting in the work queues (both lanes), or None when the broker cannot say."""
     try:
         with app.connection_for_write() as connection:
             channel: Any = connection.default_channel
-            declared = channel.queue_declare(queue=app.conf.task_default_queue, passive=True)
-            return int(declared.message_count)
+            total = 0
+            for lane in Lane:
+                try:
+                    total += int(channel.queue_declare(queue=queue_of(lane), passive=True).message_count)
+                except Exception:
+                    if lane is Lane.DEFAULT:
+                        raise
+                    # the learned queue exists only once something was sent to it (or a worker took it)
+            return total
     except Exception:  # a broker that cannot be asked is treated as "unknown", never as "empty"
         return None
 
