@@ -106,15 +106,35 @@ class MetricCheck:
     name: str
     retrained: float
     shipped: float
-    tolerance: float  # relative
+    tolerance: float
+    absolute: bool = False  # tolerance in the figure's units (dB), not relative
 
     @property
     def within(self) -> bool:
-        return abs(self.retrained - self.shipped) <= self.tolerance * max(abs(self.shipped), 1e-12)
+        allowed = self.tolerance if self.absolute else self.tolerance * max(abs(self.shipped), 1e-12)
+        return abs(self.retrained - self.shipped) <= allowed
 
 
-def compare_metrics(retrained: dict[str, Any], shipped: dict[str, Any], tolerance: float) -> list[MetricCheck]:
-    """Every numeric figure the two metric trees share (keys joined by '.'), with the relative tolerance."""
+def tolerance_for(name: str, stated: object) -> tuple[float, bool]:
+    """The (tolerance, absolute?) a manifest states for a figure.
+
+    ``stated`` is one relative number, or a table whose keys name a figure kind and say how it is
+    measured: ``{"bpp": 0.05}`` or ``{"bpp_relative": 0.15}`` relative, ``{"psnr_db": 1.0}`` in dB.
+    A figure no key names gets 5 % relative.
+    """
+    if isinstance(stated, (int, float)):
+        return float(stated), False
+    leaf = name.rsplit(".", 1)[-1].lower()
+    if isinstance(stated, dict):
+        for key, value in stated.items():
+            kind, _, unit = str(key).lower().partition("_")
+            if isinstance(value, (int, float)) and (kind in leaf or kind in name.lower()):
+                return float(value), unit in ("db", "abs", "absolute")
+    return 0.05, False
+
+
+def compare_metrics(retrained: dict[str, Any], shipped: dict[str, Any], tolerance: object) -> list[MetricCheck]:
+    """Every numeric figure the two metric trees share (keys joined by '.'), each with its tolerance."""
     checks: list[MetricCheck] = []
 
     def walk(new: object, old: object, prefix: str) -> None:
@@ -122,7 +142,8 @@ def compare_metrics(retrained: dict[str, Any], shipped: dict[str, Any], toleranc
             for key in sorted(set(new) & set(old)):
                 walk(new[key], old[key], f"{prefix}.{key}" if prefix else str(key))
         elif isinstance(new, (int, float)) and isinstance(old, (int, float)) and not isinstance(new, bool):
-            checks.append(MetricCheck(prefix, float(new), float(old), tolerance))
+            allowed, absolute = tolerance_for(prefix, tolerance)
+            checks.append(MetricCheck(prefix, float(new), float(old), allowed, absolute))
 
     walk(retrained, shipped, "")
     return checks

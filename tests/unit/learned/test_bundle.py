@@ -43,3 +43,14 @@ def test_a_retrain_is_compared_figure_by_figure_within_the_tolerance() -> None:
     retrained = {**shipped, "CT_bpp_n0": shipped["CT_bpp_n0"] * 1.04, "MR_bpp_n2": shipped["MR_bpp_n2"] * 1.08}
     checks = {c.name: c.within for c in compare_metrics(retrained, shipped, 0.05)}
     assert checks["CT_bpp_n0"] and not checks["MR_bpp_n2"] and checks["CT_bpp_n2"]
+
+
+def test_a_tolerance_table_says_relative_or_in_db_per_figure() -> None:
+    shipped = {"per_target": {"CT": {"0.1": {"bpp": 0.0927, "psnr": 58.80}}}}
+    retrained = {"per_target": {"CT": {"0.1": {"bpp": 0.1000, "psnr": 58.10}}}}
+    checks = {c.name: c for c in compare_metrics(retrained, shipped, {"bpp_relative": 0.15, "psnr_db": 1.0})}
+    bpp, psnr = checks["per_target.CT.0.1.bpp"], checks["per_target.CT.0.1.psnr"]
+    assert (bpp.tolerance, bpp.absolute, bpp.within) == (0.15, False, True)  # 7.9 % off, 15 % allowed
+    assert (psnr.tolerance, psnr.absolute, psnr.within) == (1.0, True, True)  # 0.7 dB off, 1 dB allowed
+    worse = {"per_target": {"CT": {"0.1": {"bpp": 0.0927, "psnr": 57.5}}}}
+    assert not {c.name: c for c in compare_metrics(worse, shipped, {"psnr_db": 1.0})}["per_target.CT.0.1.psnr"].within
