@@ -72,30 +72,31 @@ def _split(values: IntArray) -> tuple[IntArray, IntArray, IntArray]:
     return sym, nbits, raw
 
 
-def _pack_raw(raw: IntArray, nbits: IntArray) -> bytes:
-    """Concatenate the low ``nbits`` of each value, MSB first."""
-    total = int(nbits.sum())
+def pack_bits(values: IntArray, widths: IntArray) -> bytes:
+    """Concatenate the low ``widths`` bits of each value, MSB first (raw refinement bits, fixed-width fields)."""
+    total = int(widths.sum())
     if total == 0:
         return b""
-    owner = np.repeat(np.arange(raw.size), nbits)
-    starts = np.cumsum(nbits) - nbits
+    owner = np.repeat(np.arange(values.size), widths)
+    starts = np.cumsum(widths) - widths
     pos = np.arange(total) - starts[owner]
-    bits = (raw[owner] >> (nbits[owner] - 1 - pos)) & 1
+    bits = (values[owner] >> (widths[owner] - 1 - pos)) & 1
     return np.packbits(bits.astype(np.uint8)).tobytes()
 
 
-def _unpack_raw(data: npt.NDArray[np.uint8], bit_offset: int, nbits: IntArray) -> tuple[IntArray, int]:
-    total = int(nbits.sum())
+def unpack_bits(bits: IntArray, bit_offset: int, widths: IntArray) -> tuple[IntArray, int]:
+    """Mirror of :func:`pack_bits` on the stream's bits (``np.unpackbits`` once, by the caller), from ``bit_offset``;
+    returns the values and the new offset."""
+    total = int(widths.sum())
     if total == 0:
-        return np.zeros(nbits.size, np.int64), bit_offset
-    if bit_offset + total > data.size * 8:
+        return np.zeros(widths.size, np.int64), bit_offset
+    if bit_offset + total > bits.size:
         raise CodecError("entropy stream truncated (raw bits)")
-    bits = np.unpackbits(data)[bit_offset : bit_offset + total].astype(np.int64)
-    owner = np.repeat(np.arange(nbits.size), nbits)
-    starts = np.cumsum(nbits) - nbits
+    owner = np.repeat(np.arange(widths.size), widths)
+    starts = np.cumsum(widths) - widths
     pos = np.arange(total) - starts[owner]
-    contrib = bits << (nbits[owner] - 1 - pos)
-    out = np.zeros(nbits.size, np.int64)
+    contrib = bits[bit_offset : bit_offset + total] << (widths[owner] - 1 - pos)
+    out = np.zeros(widths.size, np.int64)
     np.add.at(out, owner, contrib)
     return out, bit_offset + total
 
@@ -178,7 +179,7 @@ class SymbolWriter:
         signs = np.packbits(np.concatenate(self._signs)).tobytes() if self._signs else b""
         raws = [r for r, _ in self._raw]
         nbs = [n for _, n in self._raw]
-        raw = _pack_raw(np.concatenate(raws), np.concatenate(nbs)) if raws else b""
+        raw = pack_bits(np.concatenate(raws), np.concatenate(nbs)) if raws else b""
         out = bytearray()
         for part in (self._tables, words, signs):
             put_varint(out, len(part))
@@ -205,7 +206,7 @@ class SymbolReader:
         pos += lengths[1]
         self._signs = np.unpackbits(np.frombuffer(data[pos : pos + lengths[2]], np.uint8)).astype(bool)
         pos += lengths[2]
-        self._raw = np.frombuffer(data[pos:], np.uint8)
+        self._raw = np.unpackbits(np.frombuffer(data[pos:], np.uint8)).astype(np.int64)  # once, not per read
         self._decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(words, "<u4").astype(np.uint32))
         self._tpos = 0
         self._spos = 0
@@ -236,7 +237,7 @@ class SymbolReader:
             raise CodecError(f"entropy stream corrupt: {exc}") from exc
         escaped = sym >= ESCAPE
         nbits = np.where(escaped, sym - ESCAPE, 0)
-        raw, self._rpos = _unpack_raw(self._raw, self._rpos, nbits)
+        raw, self._rpos = unpack_bits(self._raw, self._rpos, nbits)
         mag = np.where(escaped, (np.int64(1) << nbits) + raw + ESCAPE - 1, sym)
         nz = np.flatnonzero(mag)
         if self._spos + nz.size > self._signs.size:

@@ -30,7 +30,7 @@ import constriction
 import numpy as np
 import numpy.typing as npt
 
-from archive.codecs._entropy import get_varint, put_varint, unzigzag, zigzag
+from archive.codecs._entropy import get_varint, pack_bits, put_varint, unpack_bits, unzigzag, zigzag
 from archive.errors import CodecError
 
 IntArray = npt.NDArray[np.int64]
@@ -367,16 +367,7 @@ class BitWriter:
     def finish(self) -> bytes:
         if not self._values:
             return b""
-        values = np.concatenate(self._values)
-        widths = np.concatenate(self._widths)
-        total = int(widths.sum())
-        if total == 0:
-            return b""
-        owner = np.repeat(np.arange(values.size), widths)
-        starts = np.cumsum(widths) - widths
-        pos = np.arange(total) - starts[owner]
-        bits = (values[owner] >> (widths[owner] - 1 - pos)) & 1
-        return np.packbits(bits.astype(np.uint8)).tobytes()
+        return pack_bits(np.concatenate(self._values), np.concatenate(self._widths))
 
 
 class BitReader:
@@ -387,20 +378,10 @@ class BitReader:
         self._pos = 0
 
     def read(self, widths: IntArray) -> IntArray:
-        widths = np.asarray(widths, np.int64)
-        total = int(widths.sum())
-        out = np.zeros(widths.size, np.int64)
-        if total == 0:
-            return out
-        if self._pos + total > self._bits.size:
-            raise CodecError("learned payload truncated (raw bits)")
-        bits = self._bits[self._pos : self._pos + total]
-        self._pos += total
-        nz = np.flatnonzero(widths)
-        w = widths[nz]
-        starts = np.cumsum(w) - w
-        shift = np.repeat(w, w) - 1 - (np.arange(total) - np.repeat(starts, w))
-        out[nz] = np.add.reduceat(bits << shift, starts)
+        try:
+            out, self._pos = unpack_bits(self._bits, self._pos, np.asarray(widths, np.int64).ravel())
+        except CodecError as exc:
+            raise CodecError("learned payload truncated (raw bits)") from exc
         return out
 
 
