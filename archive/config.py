@@ -137,6 +137,12 @@ class Settings:
     normalize_profiles: tuple[NormalizeProfile, ...] = DEFAULT_PROFILES
     normalize_interval: float = 3600.0  # beat: normalize archived series that lack a current one (0 disables)
     normalize_batch: int = 50  # most series one scheduled sweep normalizes
+    # --- the server (medarchive serve: DICOMweb, the web page) ---
+    # name -> bearer token; several, so one can be rotated without stopping the others.
+    # MEDARCHIVE_API_TOKEN="TOKEN" (named "default") or "name=TOKEN,name2=TOKEN2"; TOML: api_tokens = { name = "TOKEN" }
+    api_tokens: dict[str, str] = field(default_factory=dict, repr=False)
+    api_max_upload_bytes: int = 2 * 1024**3  # one STOW-RS request; larger answers 413
+    api_tls_proxy: bool = False  # behind a TLS-terminating proxy: plain HTTP on a non-loopback address is allowed
 
     @property
     def blob_dir(self) -> Path:
@@ -194,7 +200,8 @@ class Settings:
             raise ConfigError(f"codec configuration needs an 'id': {codec!r}")
         values: dict[str, Any] = {}
         for spec in fields(cls):
-            if spec.name in ("home", "database_url", "codec", "policies", "normalize", "normalize_profiles"):
+            if spec.name in ("home", "database_url", "codec", "policies", "normalize", "normalize_profiles",
+                             "api_tokens", "api_tls_proxy"):
                 continue
             raw = overrides.get(spec.name)
             if raw is None:
@@ -213,10 +220,38 @@ class Settings:
             switch = _switch("MEDARCHIVE_NORMALIZE", env["MEDARCHIVE_NORMALIZE"]) if env.get("MEDARCHIVE_NORMALIZE") \
                 else file_enabled
         values["normalize"] = True if switch is None else bool(switch)
+        values["api_tokens"] = overrides.get("api_tokens") or parse_api_tokens(
+            env.get("MEDARCHIVE_API_TOKEN"), file_values.get("api_tokens"))
+        proxy = overrides.get("api_tls_proxy")
+        if proxy is None:
+            raw_proxy = env.get("MEDARCHIVE_API_TLS_PROXY")
+            proxy = _switch("MEDARCHIVE_API_TLS_PROXY", raw_proxy) if raw_proxy else file_values.get("api_tls_proxy")
+        values["api_tls_proxy"] = bool(proxy)
         level = values.get("header_zstd_level", 9)
         if not 1 <= level <= 22:  # whole objects record it as a zstd codec config, which takes 1..22
             raise ConfigError(f"header_zstd_level must be between 1 and 22, not {level}")
         return cls(home=home, database_url=str(database_url), codec=codec, policies=policies, **values)
+
+
+def parse_api_tokens(env_value: str | None, file_value: Any) -> dict[str, str]:
+    """Named API tokens: the environment's (``TOKEN`` or ``name=TOKEN,...``) over the TOML table's."""
+    tokens: dict[str, str] = {}
+    if env_value:
+        for item in (part.strip() for part in env_value.split(",")):
+            if not item:
+                continue
+            name, sep, token = item.partition("=")
+            name, token = (name.strip(), token.strip()) if sep else ("default", name.strip())
+            tokens[name] = token
+    elif file_value is not None:
+        if not isinstance(file_value, Mapping) or not all(isinstance(v, str) for v in file_value.values()):
+            raise ConfigError("api_tokens must be a table of name = \"token\" strings")
+        tokens = {str(k): v for k, v in file_value.items()}
+    for name, token in tokens.items():
+        if not name or len(token) < 16:
+            raise ConfigError(f"API token {name or '(unnamed)'!r} is too short: use at least 16 characters "
+                              "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return tokens
 
 
 def _switch(name: str, raw: str) -> bool:
@@ -231,7 +266,7 @@ def _switch(name: str, raw: str) -> bool:
 def known_environment() -> frozenset[str]:
     """Every ``MEDARCHIVE_*`` variable medarchive or its tests read."""
     settings = {f"MEDARCHIVE_{spec.name.upper()}" for spec in fields(Settings)
-                if spec.name not in ("policies", "normalize_profiles")}
+                if spec.name not in ("policies", "normalize_profiles", "api_tokens")} | {"MEDARCHIVE_API_TOKEN"}
     return frozenset(settings | {f"MEDARCHIVE_{name}" for name in _OTHER_ENVIRONMENT})
 
 

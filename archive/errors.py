@@ -71,3 +71,11 @@ class QualityError(ArchiveError):
 
 class LossyOnlyError(NotFoundError):
     """The lossless original was released by a policy; only a lossy derivative (named in the message) is held."""
+
+
+class NotAcceptableError(ArchiveError):
+    """No representation the client accepts can be produced (a transfer syntax or media type): HTTP 406."""
+
+
+class PayloadTooLargeError(ArchiveError):
+    """An upload is larger than the configured limit (``api_max_upload_bytes``): HTTP 413."""

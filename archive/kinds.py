@@ -97,3 +97,16 @@ class AuditAction(str, enum.Enum):
     QUARANTINE_PURGE = "quarantine-purge"
     REPAIR = "repair"  # a missing or corrupt blob written again from a source
     RESTORE = "restore"
+
+
+class AccessAction(str, enum.Enum):
+    """What a client of the API did (the ``access_log.action`` column): every retrieval and store is recorded."""
+
+    SEARCH = "search"  # QIDO-RS
+    RETRIEVE = "retrieve"  # WADO-RS instances
+    METADATA = "metadata"
+    FRAMES = "frames"
+    RENDERED = "rendered"  # rendered images and thumbnails, the web page's included
+    STORE = "store"  # STOW-RS
+    ENCODINGS = "encodings"
+    SIGN_IN = "sign-in"

@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from archive.clock import utcnow
-from archive.kinds import AuditAction, DerivationKind, EncodingKind, ItemOutcome, JobKind, StorageMode
+from archive.kinds import AccessAction, AuditAction, DerivationKind, EncodingKind, ItemOutcome, JobKind, StorageMode
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -105,6 +105,12 @@ class Study(Base):
     accession_number: Mapped[str | None] = mapped_column(String(64), index=True)
     study_description: Mapped[str | None] = mapped_column(String(256))
     modalities_in_study: Mapped[str | None] = mapped_column(String(128))
+    # what QIDO-RS returns besides the above (revision 0007; NULL for studies archived before it)
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    referring_physician_name: Mapped[str | None] = mapped_column(String(330))
+    dicom_study_id: Mapped[str | None] = mapped_column(String(64))  # Study ID (0020,0010), not the row's id
+    specific_character_set: Mapped[str | None] = mapped_column(String(128))  # as received, e.g. "ISO_IR 100"
     num_series: Mapped[int] = mapped_column(default=0)
     num_instances: Mapped[int] = mapped_column(default=0)
     bytes_original: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -441,3 +447,19 @@ class HeaderRevision(Base):
     changes: Mapped[dict[str, Any]]  # keyword -> [previous, new] of the change that replaced this header
     audit_id: Mapped[int | None] = mapped_column(ForeignKey("audit_log.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AccessEvent(Base):
+    """One request of an API client: who (the token's name), what, when, how many bytes. No patient data."""
+
+    __tablename__ = "access_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_name: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[AccessAction] = mapped_column(_str_enum(AccessAction, 32), index=True)
+    target: Mapped[str] = mapped_column(String(200), index=True)  # a UID path: study[/series[/instance]], or a query
+    status: Mapped[int] = mapped_column(default=200)  # the HTTP status answered
+    nbytes: Mapped[int] = mapped_column(BigInteger, default=0)  # sent (retrievals) or received (stores)
+    instances: Mapped[int] = mapped_column(default=0)
+    client: Mapped[str | None] = mapped_column(String(64))  # the peer address
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -646,7 +646,20 @@ def _study_columns(parsed: ParsedInstance) -> dict[str, Any]:
         study_time=parsed.text("StudyTime"),
         accession_number=parsed.text("AccessionNumber"),
         study_description=(parsed.text("StudyDescription") or "")[:256] or None,
+        patient_birth_date=(parsed.text("PatientBirthDate") or "")[:8] or None,
+        patient_sex=(parsed.text("PatientSex") or "")[:16] or None,
+        referring_physician_name=(parsed.text("ReferringPhysicianName") or "")[:330] or None,
+        dicom_study_id=(parsed.text("StudyID") or "")[:64] or None,
+        specific_character_set=_character_set(parsed),
     )
+
+
+def _character_set(parsed: ParsedInstance) -> str | None:
+    value = parsed.dataset.get("SpecificCharacterSet")
+    if not value:
+        return None
+    text = "\\".join(str(v) for v in value) if not isinstance(value, str) else value
+    return text[:128]
 
 
 def _series_columns(parsed: ParsedInstance) -> dict[str, Any]:

@@ -1,0 +1,7 @@
+"""(filled in by issue 18)"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()
