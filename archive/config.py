@@ -46,9 +46,9 @@ def default_home() -> Path:
 
 # MEDARCHIVE_* variables that are not settings fields but are read somewhere (CLI, tests, benchmarks)
 _OTHER_ENVIRONMENT = frozenset({
-    "CONFIG", "DATABASE_PASSWORD_FILE", "DEBUG",
+    "CONFIG", "DATABASE_PASSWORD_FILE", "API_TOKEN_FILE", "DEBUG",
     "FAULT_KILL", "FAULT_DELAY",  # test-only fault switches (archive/services/deadlines.py)
-    "TEST_POSTGRES_URL", "BENCH_POSTGRES_URL", "SHARED_DATA",  # tests and benchmarks
+    "TEST_POSTGRES_URL", "BENCH_POSTGRES_URL", "SHARED_DATA", "CHROMIUM", "CHROMEDRIVER",  # tests and benchmarks
 })
 
 
@@ -221,7 +221,8 @@ class Settings:
                 else file_enabled
         values["normalize"] = True if switch is None else bool(switch)
         values["api_tokens"] = overrides.get("api_tokens") or parse_api_tokens(
-            env.get("MEDARCHIVE_API_TOKEN"), file_values.get("api_tokens"))
+            env.get("MEDARCHIVE_API_TOKEN") or _read_secret(env.get("MEDARCHIVE_API_TOKEN_FILE")),
+            file_values.get("api_tokens"))
         proxy = overrides.get("api_tls_proxy")
         if proxy is None:
             raw_proxy = env.get("MEDARCHIVE_API_TLS_PROXY")
@@ -231,6 +232,16 @@ class Settings:
         if not 1 <= level <= 22:  # whole objects record it as a zstd codec config, which takes 1..22
             raise ConfigError(f"header_zstd_level must be between 1 and 22, not {level}")
         return cls(home=home, database_url=str(database_url), codec=codec, policies=policies, **values)
+
+
+def _read_secret(path: str | None) -> str | None:
+    """A secret kept in a file (a Docker secret, ``MEDARCHIVE_API_TOKEN_FILE``): its text without the newline."""
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the secret file {path}: {exc.strerror or exc}") from exc
 
 
 def parse_api_tokens(env_value: str | None, file_value: Any) -> dict[str, str]:

@@ -41,6 +41,7 @@ from archive.catalog.models import (
 from archive.errors import BlobCorruptError, BlobNotFoundError, NotFoundError
 from archive.services.blobs import blob_refs
 from archive.services.references import blob_references, is_referenced
+from archive.services.monitoring import record_verify
 from archive.services.runtime import Archive
 from archive.store import BlobRef
 from archive.clock import aware_utc, utcnow
@@ -194,6 +195,14 @@ def verify_blobs(
             break
         last = page[-1]
     report.problems.sort(key=lambda p: (p.study_uid, p.sop_instance_uid, p.digest))
+    if study_uid is None and not archive.read_only:  # a whole-archive run: /metrics shows its figures
+        kinds = {p.digest: p.problem for p in report.problems}
+        try:
+            record_verify(archive, blobs_checked=report.blobs_checked,
+                          missing=sum(1 for k in kinds.values() if k == MISSING),
+                          corrupt=sum(1 for k in kinds.values() if k == CORRUPT))
+        except OSError:
+            pass  # the figures are for monitoring; the report itself is what the caller acts on
     return report
 
 

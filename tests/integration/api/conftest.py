@@ -27,8 +27,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from archive.api.app import create_app
-from archive.catalog.models import Instance, Series
+from archive.catalog.models import Derivation, Instance, Series
 from archive.config import RecompressPolicy, Settings
+from archive.kinds import DerivationKind
 from archive.services.ingest import ingest_paths
 from archive.services.lossy import derive_lossy
 from archive.services.runtime import Archive
@@ -124,8 +125,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     derive_lossy(archive, instance_id, RecompressPolicy(name="near2", codec=NEAR2))
     with archive.unit_of_work() as uow:
         lossy_series = uow.session.scalar(
-            select(Series.series_uid).join(Instance).where(Instance.derived_from_id == instance_id,
-                                                           Series.series_uid != axial.SeriesInstanceUID))
+            select(Series.series_uid).join(Instance).join(Derivation, Derivation.series_id == Series.id)
+            .where(Instance.derived_from_id == instance_id, Derivation.kind == DerivationKind.LOSSY))
     assert lossy_series is not None
     url, server = serve(archive)
     try:
