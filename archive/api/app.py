@@ -27,12 +27,10 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from archive.api import auth, ops, page, qido, stow, wado
+from archive.api.deps import status_of
 from archive.config import Settings
 from archive.errors import (
     ArchiveError,
-    NotAcceptableError,
-    NotFoundError,
-    PayloadTooLargeError,
 )
 from archive.services.runtime import Archive
 
@@ -85,16 +83,8 @@ async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _archive_error(request: Request, exc: Exception) -> JSONResponse:
-    status = 400
-    headers = None
-    if isinstance(exc, NotFoundError):
-        status = 404
-    elif isinstance(exc, NotAcceptableError):
-        status = 406
-    elif isinstance(exc, PayloadTooLargeError):
-        status = 413
-    elif isinstance(exc, ArchiveError) and exc.exit_code == 3:  # TransientError, UnavailableError
-        status, headers = 503, {"Retry-After": "30"}
+    status = status_of(exc) if isinstance(exc, ArchiveError) else 500
+    headers = {"Retry-After": "30"} if status == 503 else None
     return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
 
 

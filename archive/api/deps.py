@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from archive.errors import ArchiveError, NotAcceptableError, NotFoundError, PayloadTooLargeError
 from archive.kinds import AccessAction
 from archive.services.access import record_access
 from archive.services.runtime import Archive
@@ -36,3 +37,16 @@ def record(request: Request, action: AccessAction, target: str, *, status: int =
     client = request.client.host if request.client else None
     record_access(archive_of(request), token_name=principal_of(request).token_name, action=action, target=target,
                   status=status, nbytes=nbytes, instances=instances, client=client)
+
+
+def status_of(exc: ArchiveError) -> int:
+    """The HTTP status an :class:`ArchiveError` answers: the exception handler and the access log agree."""
+    if isinstance(exc, NotFoundError):  # LossyOnlyError included
+        return 404
+    if isinstance(exc, NotAcceptableError):
+        return 406
+    if isinstance(exc, PayloadTooLargeError):
+        return 413
+    if exc.exit_code == 3:  # TransientError, UnavailableError: the machine, not the request
+        return 503
+    return 400

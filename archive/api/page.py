@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, Response
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from archive.api.auth import csrf_token
-from archive.api.deps import archive_of, record
+from archive.api.deps import archive_of, record, status_of
 from archive.errors import ArchiveError, NotFoundError
 from archive.kinds import AccessAction
 from archive.services.query import StudyFilter, find_studies, parse_date_range, show_study
@@ -161,7 +161,7 @@ def pane_image(request: Request, sop: str, frame: int, pane: Pane,
     try:
         data = render_pane(archive_of(request), sop, frame, pane, window=Window.parse(window) if window else None)
     except ArchiveError as exc:
-        record(request, AccessAction.RENDERED, target, status=404 if isinstance(exc, NotFoundError) else 400)
+        record(request, AccessAction.RENDERED, target, status=status_of(exc))
         raise
     record(request, AccessAction.RENDERED, target, nbytes=len(data))
     return Response(data, media_type=PNG, headers={"Cache-Control": "private, max-age=600"})

@@ -12,8 +12,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from archive.api.deps import archive_of, record
-from archive.errors import ArchiveError, NotAcceptableError, NotFoundError
+from archive.api.deps import archive_of, record, status_of
+from archive.errors import ArchiveError, NotAcceptableError
 from archive.kinds import AccessAction
 from archive.services.qido import (
     DEFAULT_LIMIT,
@@ -122,8 +122,7 @@ def _answer(request: Request, path: str,
         _check_accept(request)
         result = search(params, str(request.base_url).rstrip("/"))
     except ArchiveError as exc:
-        record(request, AccessAction.SEARCH, target, status=404 if isinstance(exc, NotFoundError)
-               else 406 if isinstance(exc, NotAcceptableError) else 503 if exc.exit_code == 3 else 400)
+        record(request, AccessAction.SEARCH, target, status=status_of(exc))
         raise
     body = json.dumps(result.matches, ensure_ascii=False, separators=(",", ":")).encode()
     record(request, AccessAction.SEARCH, target, nbytes=len(body), instances=len(result.matches))

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from archive.api import multipart
-from archive.api.deps import archive_of, record
+from archive.api.deps import archive_of, record, status_of
 from archive.dicom.writer import read_header
 from archive.errors import ArchiveError, NotAcceptableError, NotFoundError
 from archive.kinds import AccessAction
@@ -77,7 +77,7 @@ def _retrieve(request: Request, study: str, series: str | None = None, sop: str 
         plan = plan_retrieval(archive, study, series, sop, include_derived=_include_derived(request))
         syntax = choose_syntax(request.headers.get("accept"), plan)
     except ArchiveError as exc:
-        record(request, AccessAction.RETRIEVE, target, status=_status_of(exc))
+        record(request, AccessAction.RETRIEVE, target, status=status_of(exc))
         raise
     boundary = multipart.new_boundary()
     headers = {}
@@ -113,14 +113,6 @@ def _include_derived(request: Request) -> bool:
     return request.query_params.get("includederived", "").lower() in ("true", "1", "yes")
 
 
-def _status_of(exc: ArchiveError) -> int:
-    if isinstance(exc, NotFoundError):
-        return 404
-    if isinstance(exc, NotAcceptableError):
-        return 406
-    return 400
-
-
 # --- metadata
 
 
@@ -148,7 +140,7 @@ def _metadata(request: Request, study: str, series: str | None = None, sop: str 
     try:
         plan = plan_retrieval(archive_of(request), study, series, sop, include_derived=_include_derived(request))
     except ArchiveError as exc:
-        record(request, AccessAction.METADATA, target, status=_status_of(exc))
+        record(request, AccessAction.METADATA, target, status=status_of(exc))
         raise
     record(request, AccessAction.METADATA, target, instances=len(plan.instances))
     base = str(request.base_url).rstrip("/")
@@ -183,7 +175,7 @@ def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Req
             raise NotAcceptableError(f"{source.bits_allocated}-bit frames are not offered as native bytes")
         bodies = [_frame_body(source, index, part_type) for index in range(len(numbers))]
     except ArchiveError as exc:
-        record(request, AccessAction.FRAMES, target, status=_status_of(exc))
+        record(request, AccessAction.FRAMES, target, status=status_of(exc))
         raise
     record(request, AccessAction.FRAMES, target, nbytes=sum(len(b) for b in bodies), instances=1)
     boundary = multipart.new_boundary()
@@ -291,7 +283,7 @@ def _rendered(request: Request, study: str, series: str | None = None, sop: str 
             image = rendering.fit_viewport(image, viewport[1], viewport[0])
         body = rendering.encode_image(image, media_type)
     except ArchiveError as exc:
-        record(request, AccessAction.RENDERED, target, status=_status_of(exc))
+        record(request, AccessAction.RENDERED, target, status=status_of(exc))
         raise
     record(request, AccessAction.RENDERED, target, nbytes=len(body), instances=1)
     return Response(body, media_type=media_type)
@@ -327,7 +319,7 @@ def encodings(study: str, request: Request) -> JSONResponse:
     try:
         result = study_encodings(archive_of(request), study)
     except ArchiveError as exc:
-        record(request, AccessAction.ENCODINGS, study, status=_status_of(exc))
+        record(request, AccessAction.ENCODINGS, study, status=status_of(exc))
         raise
     record(request, AccessAction.ENCODINGS, study, instances=len(result["instances"]))
     return JSONResponse(result)
