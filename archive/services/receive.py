@@ -14,7 +14,6 @@ temporary copy goes away.
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 import uuid
@@ -120,7 +119,7 @@ def ingest_received(archive: Archive, files: Sequence[Path], *, origin: str,
     folder = folders.pop() if folders else None
     try:
         for path in files:
-            _fsync_file(path)
+            fsync_dir(path)
         if folder is not None:
             fsync_dir(folder)
         with _ONE_AT_A_TIME:
@@ -205,9 +204,3 @@ def _peek(path: Path) -> _Peek:
         return _Peek(None, None, None)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

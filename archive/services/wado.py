@@ -476,16 +476,18 @@ def _even(value: bytes, pad: bytes) -> bytes:
 def _element(data: bytes, position: int) -> tuple[int, bytes, bytes, int]:
     """One Explicit VR LE element of defined length: (tag, VR, value, position after it)."""
     group, element = _TAG.unpack_from(data, position)
-    vr = data[position + 4:position + 6]
-    if vr in _LONG_VRS:
-        (length,) = struct.unpack_from("<I", data, position + 8)
-        start = position + 12
-    else:
-        (length,) = struct.unpack_from("<H", data, position + 6)
-        start = position + 8
+    vr, length, start = _vr_length_start(data, position)
     if length == 0xFFFFFFFF or start + length > len(data):
         raise ValueError("undefined or overlong length in file meta")
     return (group << 16) | element, vr, data[start:start + length], start + length
+
+
+def _vr_length_start(data: bytes, position: int) -> tuple[bytes, int, int]:
+    """VR, value length and value position of the Explicit VR LE element at ``position``."""
+    vr = data[position + 4:position + 6]
+    if vr in _LONG_VRS:
+        return vr, struct.unpack_from("<I", data, position + 8)[0], position + 12
+    return vr, struct.unpack_from("<H", data, position + 6)[0], position + 8
 
 
 def _write_element(tag: int, vr: bytes, value: bytes) -> bytes:
@@ -513,13 +515,7 @@ def _pixel_position(data: bytes, position: int) -> int | None:
 
 def _skip(data: bytes, position: int) -> int | None:
     """The position after the Explicit VR LE element at ``position`` (sequences of undefined length walked)."""
-    vr = data[position + 4:position + 6]
-    if vr in _LONG_VRS:
-        (length,) = struct.unpack_from("<I", data, position + 8)
-        start = position + 12
-    else:
-        (length,) = struct.unpack_from("<H", data, position + 6)
-        start = position + 8
+    vr, length, start = _vr_length_start(data, position)
     if length != 0xFFFFFFFF:
         return start + length if start + length <= len(data) else None
     if vr != b"SQ":
