@@ -26,6 +26,13 @@ def db_upgrade(
     upgrade_schema(settings.database_url, revision)
     reached = current_revision(settings.database_url)
     console.print(f"catalog at {settings.database_url.split('@')[-1]} is at revision {reached or 'none'}")
+    if revision == "head":
+        from archive.services.backfill import fill_study_attributes
+
+        with open_archive() as archive:
+            filled = fill_study_attributes(archive)
+        if filled:
+            console.print(f"filled the search attributes of {filled} study(ies) archived before revision 0007")
 
 
 @bench_app.command("ingest")

@@ -16,6 +16,7 @@ from archive.cli._format import JSON_HELP, cell, short_time, table
 from archive.config import Settings
 from archive.errors import ConfigError
 from archive.kinds import AccessAction
+from archive.services.backfill import fill_study_attributes
 from archive.services.runtime import Archive
 
 
@@ -71,6 +72,10 @@ def serve(
         settings = dataclasses.replace(settings, api_tls_proxy=behind)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     with Archive.open(settings) as archive:
+        filled = fill_study_attributes(archive)  # studies archived before the QIDO columns existed
+        if filled:
+            err_console.print(f"filled the search attributes of {filled} study(ies) archived before revision 0007",
+                              highlight=False)
         config = uvicorn.Config(
             create_app(archive), host=host, port=port, access_log=False,  # our log line has no query string
             ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None,

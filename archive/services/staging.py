@@ -22,6 +22,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
@@ -39,6 +40,7 @@ from archive.dicom.reader import (
     parse_instance,
     read_instance,
 )
+from archive.dicom.uids import uid_text
 from archive.dicom.writer import canonical_header_sha256, read_header
 from archive.errors import ArchiveError, InstanceTimeLimitExceeded, InvalidDicomError, NotDicomError
 from archive.kinds import EncodingKind, StorageMode
@@ -646,20 +648,22 @@ def _study_columns(parsed: ParsedInstance) -> dict[str, Any]:
         study_time=parsed.text("StudyTime"),
         accession_number=parsed.text("AccessionNumber"),
         study_description=(parsed.text("StudyDescription") or "")[:256] or None,
-        patient_birth_date=(parsed.text("PatientBirthDate") or "")[:8] or None,
-        patient_sex=(parsed.text("PatientSex") or "")[:16] or None,
-        referring_physician_name=(parsed.text("ReferringPhysicianName") or "")[:330] or None,
-        dicom_study_id=(parsed.text("StudyID") or "")[:64] or None,
-        specific_character_set=_character_set(parsed),
+        **qido_study_columns(parsed.dataset),
     )
 
 
-def _character_set(parsed: ParsedInstance) -> str | None:
-    value = parsed.dataset.get("SpecificCharacterSet")
-    if not value:
-        return None
-    text = "\\".join(str(v) for v in value) if not isinstance(value, str) else value
-    return text[:128]
+def qido_study_columns(ds: Dataset) -> dict[str, Any]:
+    """The Study columns of revision 0007 (what QIDO-RS returns) from a header.
+
+    ``specific_character_set`` is "" when the header has none: NULL marks a
+    study archived before the revision, which :mod:`archive.services.backfill` fills.
+    """
+    def text(keyword: str, length: int) -> str | None:
+        return (uid_text(ds, keyword) or "")[:length] or None
+
+    return dict(patient_birth_date=text("PatientBirthDate", 8), patient_sex=text("PatientSex", 16),
+                referring_physician_name=text("ReferringPhysicianName", 330), dicom_study_id=text("StudyID", 64),
+                specific_character_set=text("SpecificCharacterSet", 128) or "")
 
 
 def _series_columns(parsed: ParsedInstance) -> dict[str, Any]:
