@@ -71,6 +71,22 @@ def test_retrieve_study_is_bit_exact_in_explicit_le(served: Served, client: DICO
         _check_same(ds, sources)
 
 
+def test_concurrent_clients_each_get_the_whole_study_bit_exact(served: Served, sources: dict[str, Dataset]) -> None:
+    """Eight clients at once (the server's thread pool, the catalog and the blob reads shared): every answer whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(_: int) -> list[Dataset]:
+        return DICOMwebClient(url=served.url, headers=served.headers).retrieve_study(served.mr_study_uid)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(fetch, range(8)))
+    expected = {uid for uid, ds in sources.items() if ds.StudyInstanceUID == served.mr_study_uid}
+    for instances in answers:
+        assert {str(ds.SOPInstanceUID) for ds in instances} == expected
+        for ds in instances:
+            _check_same(ds, sources)
+
+
 @pytest.mark.parametrize("syntax", [JPEGLSLossless, "*", JPEG2000Lossless])
 def test_retrieve_series_in_other_syntaxes(served: Served, client: DICOMwebClient, sources: dict[str, Dataset],
                                            syntax: str) -> None:
