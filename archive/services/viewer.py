@@ -32,7 +32,7 @@ from pydicom.multival import MultiValue
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from archive.catalog.models import CodecTrial, Derivation, Encoding, Instance, Series, Study
+from archive.catalog.models import CodecTrial, Derivation, Encoding, Instance, InstanceStatus, Series, Study
 from archive.dicom.writer import read_header
 from archive.errors import NotFoundError
 from archive.kinds import DerivationKind, StorageMode
@@ -59,6 +59,7 @@ class ViewKind(str, enum.Enum):
     LOSSLESS = "lossless"
     LOSSY_STORED = "lossy-stored"
     LOSSY_DERIVED = "lossy-derived"
+    LOSSY_RELEASED = "lossy-released"  # a lossy derivative whose lossless source a policy released
     NORMALIZED = "normalized"  # source resampled onto the derived grid
     NORMALIZED_NEAREST = "normalized-nearest"  # different grids: nearest source slice, no difference
     NO_PIXELS = "no-pixels"  # kept whole or passed through: nothing to render frame by frame
@@ -70,6 +71,8 @@ PANE_NOTES: dict[ViewKind, tuple[str, str, str]] = {
                             "no original to subtract: see the recorded error below"),
     ViewKind.LOSSY_DERIVED: ("the source instance (lossless)", "the lossy derivative, decoded",
                              "reconstruction - original"),
+    ViewKind.LOSSY_RELEASED: ("the original was released by a policy: only this lossy derivative is held",
+                              "the lossy derivative, decoded", "no original to subtract: see the recorded error below"),
     ViewKind.NORMALIZED: ("the source slice resampled onto the normalized grid (recorded maps and kernel)",
                           "the normalized instance as stored", "normalized - resampled source"),
     ViewKind.NORMALIZED_NEAREST: ("the nearest source slice, on its own grid", "the normalized instance as stored",
@@ -137,7 +140,7 @@ def series_view(archive: Archive, study_uid: str, series_uid: str) -> SeriesView
         series = _series(uow, study_uid, series_uid)
         derivation = uow.session.scalar(select(Derivation).where(Derivation.series_id == series.id))
         instances = [i for i in series.instances if i.conflict_seq == 0]
-        kind = _kind(derivation, instances)
+        kind = _kind(derivation, instances, _released(uow, instances))
         slices = [Slice(i.sop_instance_uid, f, _label(i, f)) for i in instances
                   if i.storage_mode is StorageMode.PIXELS for f in range(i.number_of_frames or 1)]
         windows: list[tuple[str, Window]] = []
@@ -171,7 +174,7 @@ def render_pane(archive: Archive, sop_instance_uid: str, frame: int, pane: Pane,
     with archive.unit_of_work() as uow:
         instance = _instance(uow, sop_instance_uid)
         derivation = uow.session.scalar(select(Derivation).where(Derivation.series_id == instance.series_id))
-        kind = _kind(derivation, [instance])
+        kind = _kind(derivation, [instance], _released(uow, [instance]))
         if kind is ViewKind.NO_PIXELS:
             raise NotFoundError(f"instance {sop_instance_uid} has no frames stored: nothing to render")
         header = _header(uow, instance)
@@ -190,6 +193,8 @@ def render_pane(archive: Archive, sop_instance_uid: str, frame: int, pane: Pane,
         transform = derivation.transform if derivation is not None else {}
     if kind is ViewKind.LOSSY_STORED and pane is Pane.ORIGINAL:
         raise NotFoundError(f"instance {sop_instance_uid} is stored lossy: its original is not kept")
+    if kind is ViewKind.LOSSY_RELEASED and pane is Pane.ORIGINAL:
+        raise NotFoundError(f"instance {sop_instance_uid}: its lossless original was released by a policy")
     if pane is Pane.RECONSTRUCTION or (pane is Pane.ORIGINAL and kind is ViewKind.LOSSLESS):
         return _png(render_frame(read_frame(archive, sop_instance_uid, frame), header, window=window,
                                  photometric=photometric))
@@ -244,11 +249,19 @@ def _instance(uow: UnitOfWork, sop_instance_uid: str) -> Instance:
     return instance
 
 
-def _kind(derivation: Derivation | None, instances: list[Instance]) -> ViewKind:
+def _released(uow: UnitOfWork, instances: list[Instance]) -> bool:
+    """Whether a source of these (derived) instances had its lossless form released by a policy."""
+    sources = [i.derived_from_id for i in instances if i.derived_from_id is not None]
+    return bool(sources) and uow.session.scalar(
+        select(Instance.id).where(Instance.id.in_(sources), Instance.status == InstanceStatus.LOSSY_ONLY).limit(1)
+    ) is not None
+
+
+def _kind(derivation: Derivation | None, instances: list[Instance], released: bool = False) -> ViewKind:
     if not any(i.storage_mode is StorageMode.PIXELS for i in instances):
         return ViewKind.NO_PIXELS
     if derivation is not None and derivation.kind is DerivationKind.LOSSY:
-        return ViewKind.LOSSY_DERIVED
+        return ViewKind.LOSSY_RELEASED if released else ViewKind.LOSSY_DERIVED
     if derivation is not None and derivation.kind is DerivationKind.NORMALIZED:
         transform = derivation.transform or {}
         same_plan = "plane" in transform and "kernel" in transform and not transform.get("planes_differ")
