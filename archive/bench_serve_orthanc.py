@@ -27,12 +27,12 @@ import httpx
 import pydicom
 from pydicom.uid import JPEGLSLossless
 
+from archive.dicom.reader import NATIVE_SYNTAXES
 from archive.errors import ArchiveError
 
 ORTHANC_BINARY: Final[Path] = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN: Final[Path] = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 #: Uncompressed syntaxes a lossless JPEG-LS copy is made from; anything else is uploaded as received.
-NATIVE_SYNTAXES: Final[frozenset[str]] = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 
 
 def free_port() -> int:

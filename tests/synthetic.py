@@ -17,6 +17,7 @@ not carry its old position in a private copy.
 from __future__ import annotations
 
 import copy
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -363,3 +364,18 @@ def _write(ds: Dataset, path: Path) -> Path:
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return path
+
+
+def with_new_uids(ds: Dataset, *, study: str | None = None) -> Dataset:
+    """``ds`` as another instance: new SOP Instance and Series UIDs, a new study unless ``study`` names one."""
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def part10_bytes(ds: Dataset) -> bytes:
+    """``ds`` written as a Part 10 file, in memory."""
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.routing import iter_route_contexts
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.datastructures import MutableHeaders
 from starlette.routing import Match
@@ -67,6 +68,7 @@ def create_app(archive: Archive) -> FastAPI:
     app.add_exception_handler(InterfaceError, _unavailable)
     for module in (ops, qido, wado, stow, page, auth):
         app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=page.STATIC), name="static")  # the page's CSS and JS, no data
     app.openapi = _openapi_with_security(app)  # type: ignore[method-assign]
     return app
 

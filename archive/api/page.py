@@ -29,8 +29,6 @@ router = APIRouter()
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
-STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
 PAGE_LIMIT = 200
 
 templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined,
@@ -165,16 +163,6 @@ def pane_image(request: Request, sop: str, frame: int, pane: Pane,
         raise
     record(request, AccessAction.RENDERED, target, nbytes=len(data))
     return Response(data, media_type=PNG, headers={"Cache-Control": "private, max-age=600"})
-
-
-@router.get("/static/{name}", include_in_schema=False)
-def static_file(name: str) -> Response:
-    """Only the files of ``archive/api/static`` (no sub-folders, no other paths), with their media types."""
-    path = STATIC / name
-    media = STATIC_TYPES.get(path.suffix.lower())
-    if "/" in name or "\\" in name or name.startswith(".") or media is None or not path.is_file():
-        return Response("not found", status_code=404, media_type="text/plain")
-    return Response(path.read_bytes(), media_type=media, headers={"Cache-Control": "public, max-age=300"})
 
 
 # ---------------------------------------------------------------------------------------------- the plot

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -170,7 +169,7 @@ def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Req
     numbers = _frame_numbers(frames)
     try:
         part_type = _frame_media_type(request.headers.get("accept"))
-        source = read_frames(archive_of(request), study, series, sop, numbers)
+        source = read_frames(archive_of(request), study, series, sop, numbers, decode=part_type != "image/jls")
         if part_type == "application/octet-stream" and source.bits_allocated not in (8, 16):
             raise NotAcceptableError(f"{source.bits_allocated}-bit frames are not offered as native bytes")
         bodies = [_frame_body(source, index, part_type) for index in range(len(numbers))]
@@ -212,9 +211,8 @@ def _frame_media_type(accept: str | None) -> str:
 
 def _frame_body(source: FrameSource, index: int, part_type: str) -> bytes:
     if part_type == "image/jls":
-        frame = source.frames[index] if source.frames else np.zeros(0)
-        return jpegls_frame(frame, source, index)
-    return native_frame(source.frames[index], source)
+        return jpegls_frame(source, index)
+    return native_frame(source.frame(index), source)
 
 
 # --- rendered and thumbnails
@@ -277,7 +275,7 @@ def _rendered(request: Request, study: str, series: str | None = None, sop: str 
             series, sop = representative_instance(archive, study, series)
             target = _target(study, series, sop)
         source = read_frames(archive, study, series, sop, [frame])
-        image = rendering.render_frame(source.frames[0], read_header(source.header), window=window,
+        image = rendering.render_frame(source.frame(0), read_header(source.header), window=window,
                                        photometric=source.photometric)
         if viewport is not None:
             image = rendering.fit_viewport(image, viewport[1], viewport[0])

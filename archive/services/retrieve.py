@@ -232,21 +232,26 @@ def current_encoding(instance: Instance) -> Encoding:
 
 
 def layout_of(instance: Instance) -> PixelLayout:
-    encoding = current_encoding(instance)
-    assert instance.rows and instance.columns and instance.bits_allocated and instance.pixel_dtype
+    return layout_from_columns(instance, current_encoding(instance).side_info)
+
+
+def layout_from_columns(row: Any, side_info: dict[str, Any] | None) -> PixelLayout:
+    """The pixel layout from an Instance row, or a selected row with the same column names, and its encoding's
+    side information (the photometric the frames decode to)."""
+    assert row.rows and row.columns and row.bits_allocated and row.pixel_dtype
     return PixelLayout(
-        rows=instance.rows,
-        columns=instance.columns,
-        samples_per_pixel=instance.samples_per_pixel or 1,
-        number_of_frames=instance.number_of_frames or 1,
-        bits_allocated=instance.bits_allocated,
-        bits_stored=instance.bits_stored or instance.bits_allocated,
-        high_bit=instance.high_bit or 0,
-        pixel_representation=instance.pixel_representation or 0,
-        photometric_interpretation=instance.photometric_interpretation or "MONOCHROME2",
-        planar_configuration=instance.planar_configuration,
-        dtype=instance.pixel_dtype,
-        output_photometric=str(encoding.side_info.get("photometric") or instance.photometric_interpretation),
+        rows=row.rows,
+        columns=row.columns,
+        samples_per_pixel=row.samples_per_pixel or 1,
+        number_of_frames=row.number_of_frames or 1,
+        bits_allocated=row.bits_allocated,
+        bits_stored=row.bits_stored or row.bits_allocated,
+        high_bit=row.high_bit or 0,
+        pixel_representation=row.pixel_representation or 0,
+        photometric_interpretation=row.photometric_interpretation or "MONOCHROME2",
+        planar_configuration=row.planar_configuration,
+        dtype=row.pixel_dtype,
+        output_photometric=str((side_info or {}).get("photometric") or row.photometric_interpretation),
     )
 
 

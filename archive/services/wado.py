@@ -56,7 +56,7 @@ from archive.dicom.writer import IMPLEMENTATION_VERSION, PIXEL_TAGS, original_ta
 from archive.errors import LossyOnlyError, NotAcceptableError, NotFoundError
 from archive.kinds import StorageMode
 from archive.services.blobs import blob_refs, read_context
-from archive.services.retrieve import instance_part10, lossy_derivative
+from archive.services.retrieve import instance_part10, layout_from_columns, lossy_derivative
 from archive.services.runtime import Archive
 from archive.services.unit_of_work import UnitOfWork
 from archive.store import BlobRef
@@ -139,14 +139,7 @@ def _stored_pixels(row: Any, digests: list[str], refs: dict[str, BlobRef]) -> St
     if any(ref is None for ref in found):
         return None
     header, *frame_refs = [ref for ref in found if ref is not None]
-    layout = PixelLayout(  # as retrieve.layout_of builds it from the ORM rows
-        rows=row.rows, columns=row.columns, samples_per_pixel=row.samples_per_pixel or 1,
-        number_of_frames=row.number_of_frames or 1, bits_allocated=row.bits_allocated,
-        bits_stored=row.bits_stored or row.bits_allocated, high_bit=row.high_bit or 0,
-        pixel_representation=row.pixel_representation or 0,
-        photometric_interpretation=row.photometric_interpretation or "MONOCHROME2",
-        planar_configuration=row.planar_configuration, dtype=row.pixel_dtype,
-        output_photometric=str((row.side_info or {}).get("photometric") or row.photometric_interpretation))
+    layout = layout_from_columns(row, row.side_info)
     return StoredPixels(header, row.header_dictionary, tuple(frame_refs), row.context_blob, layout)
 
 

@@ -60,8 +60,14 @@ class FrameSource:
     pixel_representation: int
     photometric: str  # of the decoded pixels
     header: bytes  # Part 10 without Pixel Data (or the whole object)
-    frames: list[np.ndarray]
+    frames: list[np.ndarray | None]  # None: not decoded (its stored codestream is sent as it is)
     stored_jpegls: list[bytes | None]
+
+    def frame(self, index: int) -> np.ndarray:
+        """A decoded frame (read with ``decode``, or one whose codestream had to be transcoded)."""
+        frame = self.frames[index]
+        assert frame is not None, "frame not decoded"
+        return frame
 
 
 def resolve_instance(uow: UnitOfWork, study_uid: str, series_uid: str, sop_instance_uid: str) -> Instance:
@@ -82,7 +88,11 @@ def resolve_instance(uow: UnitOfWork, study_uid: str, series_uid: str, sop_insta
 
 def read_frames(archive: Archive, study_uid: str, series_uid: str, sop_instance_uid: str,
                 numbers: list[int] | None, *, decode: bool = True) -> FrameSource:
-    """Frames ``numbers`` (1-based; None: the first) of an instance; unknown numbers are a 404."""
+    """Frames ``numbers`` (1-based; None: the first) of an instance; unknown numbers are a 404.
+
+    Without ``decode`` (an ``image/jls`` request) only frames whose stored
+    codestream cannot be sent as it is are decoded; the others stay None.
+    """
     with archive.unit_of_work() as uow:
         instance = resolve_instance(uow, study_uid, series_uid, sop_instance_uid)
         count = instance.number_of_frames or 1
@@ -98,12 +108,16 @@ def read_frames(archive: Archive, study_uid: str, series_uid: str, sop_instance_
             encoding = current_encoding(instance)
             digests = [encoding.frames[n - 1].blob_sha256 for n in wanted]
             blobs = read_blobs(uow.session, uow.store, digests)
-            context = read_context(uow.session, uow.store, encoding.context_blob) if decode else None
-            frames = [decode_frame(b, context) for b in blobs] if decode else []
-            stored = [stored_jpegls(b, layout_of(instance)) for b in blobs]
-            photometric = layout_of(instance).output_photometric
+            layout = layout_of(instance)
+            stored = [stored_jpegls(b, layout) for b in blobs]
+            needed = [decode or s is None for s in stored]
+            context = read_context(uow.session, uow.store, encoding.context_blob) if any(needed) else None
+            frames: list[np.ndarray | None] = [decode_frame(b, context) if need else None
+                                               for b, need in zip(blobs, needed)]
+            photometric = layout.output_photometric
         else:
-            frames, photometric = _decoded_by_pydicom(uow, instance, wanted)
+            decoded, photometric = _decoded_by_pydicom(uow, instance, wanted)
+            frames = list(decoded)
             stored = [None] * len(wanted)
         return FrameSource(sop_instance_uid, bits_allocated, instance.bits_stored or bits_allocated,
                            instance.pixel_representation or 0, photometric, header, frames, stored)
@@ -131,11 +145,12 @@ def native_frame(frame: np.ndarray, source: FrameSource) -> bytes:
     return np.ascontiguousarray(frame).astype(dtype, copy=False).tobytes()
 
 
-def jpegls_frame(frame: np.ndarray, source: FrameSource, index: int) -> bytes:
+def jpegls_frame(source: FrameSource, index: int) -> bytes:
     """The frame as a JPEG-LS Lossless codestream: the stored one when conformant, else encoded now by pydicom."""
     stored = source.stored_jpegls[index]
     if stored is not None:
         return stored
+    frame = source.frame(index)
     from pydicom.pixels.encoders.base import JPEGLSLosslessEncoder
 
     samples = frame.shape[2] if frame.ndim == 3 else 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 import archive.cli.serve  # noqa: F401  (registers serve and audit)
+from archive.bench_serve_orthanc import free_port
 from archive.cli import app, describe_failure
 from archive.errors import ConfigError
 from tests.conftest import REPO
@@ -30,12 +30,6 @@ COMMAND = [sys.executable, "-c", "import archive.cli.serve; from archive.cli imp
 def _env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDARCHIVE_")}
     return {**env, "MEDARCHIVE_HOME": str(home), "MEDARCHIVE_NORMALIZE": "off", **extra}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _invoke(home: Path, *args: str, **extra: str) -> Result:
@@ -73,7 +67,7 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
 def https_server(tmp_path: Path, certificate: tuple[Path, Path]) -> Iterator[tuple[str, ssl.SSLContext, Path]]:
     cert, key = certificate
     home = tmp_path / "home"
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen([*COMMAND, "serve", "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key)],
                                env=_env(home, MEDARCHIVE_API_TOKEN=f"cli={TOKEN}"), cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

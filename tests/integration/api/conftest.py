@@ -12,7 +12,6 @@ and the normalized series ingest makes.
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,10 +22,10 @@ import pydicom
 import pytest
 import uvicorn
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from archive.api.app import create_app
+from archive.bench_serve_orthanc import free_port
 from archive.catalog.models import Derivation, Instance, Series
 from archive.config import RecompressPolicy, Settings
 from archive.kinds import DerivationKind
@@ -34,6 +33,7 @@ from archive.services.ingest import ingest_paths
 from archive.services.lossy import derive_lossy
 from archive.services.runtime import Archive
 from tests.conftest import shared_data
+from tests.synthetic import with_new_uids
 
 TOKEN = "tests-token-0123456789abcdef"
 OTHER_TOKEN = "other-token-0123456789abcdef"
@@ -56,18 +56,11 @@ class Served:
         return sorted(p for p in (self.source / folder).rglob("*.dcm"))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _html_named_instance(target: Path) -> None:
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     ds.PatientName = HTML_NAME
     ds.PatientID = "HTML-1"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    with_new_uids(ds)
     target.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(target, enforce_file_format=True)
 
@@ -94,7 +87,7 @@ class ThreadedServer:
 
 
 def serve(archive: Archive) -> tuple[str, ThreadedServer]:
-    port = _free_port()
+    port = free_port()
     server = ThreadedServer(create_app(archive), port)
     server.start()
     return f"http://127.0.0.1:{port}", server

@@ -12,12 +12,12 @@ import pytest
 from dicomweb_client import DICOMwebClient
 from pydicom.data import get_charset_files
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from archive.kinds import AccessAction
 from archive.services.access import list_access
 from archive.services.ingest import ingest_paths
 from tests.integration.api.conftest import Served
+from tests.synthetic import with_new_uids
 
 DERIVED_PARAM = {"includederived": "true"}
 
@@ -39,9 +39,7 @@ def latin1(served: Served, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     folder = tmp_path_factory.mktemp("latin1")
     made = {}
     for name in ("chrFren.dcm", "chrGerm.dcm"):
-        ds = pydicom.dcmread(get_charset_files(name)[0])
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds = with_new_uids(pydicom.dcmread(get_charset_files(name)[0]))
         ds.save_as(folder / name, enforce_file_format=True)
         made[name] = ds
     assert b"Buc^J\xe9r\xf4me" in (folder / "chrFren.dcm").read_bytes()  # Latin-1 on disk, not UTF-8

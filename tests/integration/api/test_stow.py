@@ -14,7 +14,6 @@ import pydicom
 import pytest
 from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from archive.api.stow import (
@@ -29,6 +28,7 @@ from archive.kinds import AccessAction
 from archive.services.access import list_access
 from archive.services.runtime import Archive
 from tests.integration.api.conftest import TOKEN, Served, serve
+from tests.synthetic import part10_bytes, with_new_uids
 
 BOUNDARY = "stow-test-boundary-5f1c"
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -36,17 +36,7 @@ STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 
 def _new_instance(served: Served, *, study: str | None = None) -> Dataset:
     """A CT source file under new UIDs (a new study unless ``study`` is given)."""
-    ds = pydicom.dcmread(served.sources("ct")[0])
-    ds.StudyInstanceUID = study or generate_uid()
-    ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    return ds
-
-
-def _bytes(ds: Dataset) -> bytes:
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return with_new_uids(pydicom.dcmread(served.sources("ct")[0]), study=study)
 
 
 def _multipart(parts: list[bytes]) -> bytes:
@@ -82,7 +72,7 @@ def test_stored_instances_are_archived_and_come_back_bit_exact(served: Served) -
         assert back.PatientID == sent.PatientID
     found = client.search_for_studies(search_filters={"StudyInstanceUID": first.StudyInstanceUID})
     assert len(found) == 1
-    again = httpx.post(served.url + "/studies", content=_multipart([_bytes(first)]), timeout=60,
+    again = httpx.post(served.url + "/studies", content=_multipart([part10_bytes(first)]), timeout=60,
                        headers={**served.headers, "Content-Type": STOW_TYPE})
     assert again.status_code == 200  # a duplicate is a success: the archive holds exactly this object
     rows = [r for r in list_access(served.archive, limit=50, action=AccessAction.STORE)
@@ -94,7 +84,7 @@ def test_stored_instances_are_archived_and_come_back_bit_exact(served: Served) -
 def test_a_part_that_is_not_dicom_fails_alone_and_is_kept_in_quarantine(served: Served) -> None:
     good = _new_instance(served)
     bad = f"not DICOM at all {uuid.uuid4()}".encode() * 20
-    answer = _post(served, [_bytes(good), bad])
+    answer = _post(served, [part10_bytes(good), bad])
     assert answer.status_code == 202 and answer.headers["content-type"].startswith("application/dicom+json")
     body = answer.json()
     assert _codes(body, "00081198", "00081197") == [FAILURE_CANNOT_UNDERSTAND]
@@ -114,12 +104,12 @@ def test_a_request_with_nothing_archivable_answers_409(served: Served) -> None:
 
 def test_a_conflicting_sop_instance_uid_is_kept_as_a_conflict_and_answered_as_a_warning(served: Served) -> None:
     original = _new_instance(served)
-    assert _post(served, [_bytes(original)]).status_code == 200
-    changed = pydicom.dcmread(io.BytesIO(_bytes(original)))
+    assert _post(served, [part10_bytes(original)]).status_code == 200
+    changed = pydicom.dcmread(io.BytesIO(part10_bytes(original)))
     pixels = changed.pixel_array.copy()
     pixels[0, 0] += 7
     changed.PixelData = pixels.tobytes()
-    answer = _post(served, [_bytes(changed)])
+    answer = _post(served, [part10_bytes(changed)])
     assert answer.status_code == 202
     assert _codes(answer.json(), "00081199", "00081196") == [WARNING_CONFLICT]
     with served.archive.unit_of_work() as uow:
@@ -133,13 +123,13 @@ def test_a_conflicting_sop_instance_uid_is_kept_as_a_conflict_and_answered_as_a_
 
 def test_an_instance_of_another_study_is_refused_with_a900(served: Served) -> None:
     stray = _new_instance(served)
-    answer = _post(served, [_bytes(stray)], path=f"/studies/{served.ct_study_uid}")
+    answer = _post(served, [part10_bytes(stray)], path=f"/studies/{served.ct_study_uid}")
     assert answer.status_code == 409
     assert _codes(answer.json(), "00081198", "00081197") == [FAILURE_NOT_MATCHING]
     with served.archive.unit_of_work() as uow:
         assert uow.session.scalar(select(Instance.id).where(Instance.sop_instance_uid == stray.SOPInstanceUID)) is None
         error_type = uow.session.scalars(select(QuarantineEntry.error_type).where(
-            QuarantineEntry.sha256 == hashlib.sha256(_bytes(stray)).hexdigest())).one()
+            QuarantineEntry.sha256 == hashlib.sha256(part10_bytes(stray)).hexdigest())).one()
     assert error_type == "StudyMismatch"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from archive.catalog.models import Job, QuarantineEntry
@@ -18,6 +16,7 @@ from archive.config import Settings
 from archive.services.outcomes import Outcome
 from archive.services.receive import NOT_ARCHIVED, STUDY_MISMATCH, ingest_bytes
 from archive.services.runtime import Archive
+from tests.synthetic import part10_bytes, with_new_uids
 
 
 @pytest.fixture
@@ -28,23 +27,13 @@ def archive(tmp_path: Path) -> Iterator[Archive]:
 
 
 def _instance(study: str | None = None) -> Dataset:
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds.StudyInstanceUID = study or generate_uid()
-    ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    return ds
-
-
-def _bytes(ds: Dataset) -> bytes:
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    return with_new_uids(pydicom.dcmread(get_testdata_file("CT_small.dcm")), study=study)
 
 
 def test_each_part_gets_its_outcome_in_order_and_nothing_is_dropped(archive: Archive) -> None:
     ds = _instance()
     png = b"\x89PNG\r\n\x1a\n" + bytes(200)
-    parts = [_bytes(ds), b"plain text, not DICOM" * 10, _bytes(ds), png]
+    parts = [part10_bytes(ds), b"plain text, not DICOM" * 10, part10_bytes(ds), png]
     outcomes = ingest_bytes(archive, parts, origin="test:unit")
     assert [o.index for o in outcomes] == [0, 1, 2, 3]
     # a part sent as application/dicom claims to be DICOM: the reader quarantines what it cannot read,
@@ -68,13 +57,13 @@ def test_each_part_gets_its_outcome_in_order_and_nothing_is_dropped(archive: Arc
 def test_a_part_of_another_study_is_quarantined_not_archived(archive: Archive, tmp_path: Path) -> None:
     mine, stray = _instance(), _instance()
     source = tmp_path / "stray.dcm"
-    source.write_bytes(_bytes(stray))
+    source.write_bytes(part10_bytes(stray))
     outcomes = ingest_bytes(archive, [source], origin="test:unit", study_uid=mine.StudyInstanceUID)
     assert [(o.outcome, o.error_type) for o in outcomes] == [(Outcome.QUARANTINED, STUDY_MISMATCH)]
     assert source.exists()  # a path handed in is copied, never moved
     with archive.unit_of_work() as uow:
         assert uow.session.scalars(select(Job.id)).first() is None  # nothing to ingest: no job
         assert uow.session.scalars(select(QuarantineEntry.error_type)).all() == [STUDY_MISMATCH]
-    matching = ingest_bytes(archive, [_bytes(_instance(mine.StudyInstanceUID))], origin="t",
+    matching = ingest_bytes(archive, [part10_bytes(_instance(mine.StudyInstanceUID))], origin="t",
                             study_uid=mine.StudyInstanceUID)
     assert [o.outcome for o in matching] == [Outcome.STORED]
