@@ -2,7 +2,7 @@
 
 Orthanc (Debian packages ``orthanc`` and ``orthanc-dicomweb``) runs privately:
 its own JSON configuration, storage and index in a temporary folder, HTTP on a
-free loopback port, no DICOM listener, HTTP compression off (both servers must
+free loopback port, no DICOM listener (``medarchive bench scp`` opens one), HTTP compression off (both servers must
 send the same bytes the client times). It is loaded with the same files
 medarchive ingested, each transcoded to JPEG-LS Lossless first
 (``Dataset.compress``, pyjpegls), so both archives hold JPEG-LS and both must
@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -32,6 +33,7 @@ from archive.errors import ArchiveError
 
 ORTHANC_BINARY: Final[Path] = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN: Final[Path] = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+ORTHANC_AET: Final[str] = "ORTHANC"
 #: Uncompressed syntaxes a lossless JPEG-LS copy is made from; anything else is uploaded as received.
 
 
@@ -49,46 +51,77 @@ class ServerProcess:
     block the server once full); the tail is quoted when it fails to start.
     """
 
-    def __init__(self, name: str, command: Sequence[str], *, env: Mapping[str, str], log: Path, ready_url: str,
-                 cwd: Path | None = None, start_timeout: float = 60.0) -> None:
+    def __init__(self, name: str, command: Sequence[str], *, env: Mapping[str, str], log: Path, ready_url: str = "",
+                 cwd: Path | None = None, start_timeout: float = 60.0, ready: Callable[[], bool] | None = None,
+                 new_session: bool = False) -> None:
+        """``ready`` (when given) replaces the HTTP probe of ``ready_url``; ``new_session`` puts the child in its
+        own process group, stopped as a whole (a Celery worker and its pool)."""
         self.name, self.command, self.env, self.log = name, list(command), dict(env), log
         self.ready_url, self.cwd, self.start_timeout = ready_url, cwd, start_timeout
+        self.ready, self.new_session = ready, new_session
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServerProcess:
+        self.launch()
+        self.wait_ready()
+        return self
+
+    def launch(self) -> None:
+        """Start the child without waiting (several servers can then start at once)."""
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(self.command, env=self.env, cwd=self.cwd, stdout=out,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=self.new_session)
+
+    def wait_ready(self) -> None:
+        assert self.process is not None, "launch() first"
         deadline = time.monotonic() + self.start_timeout
         with httpx.Client(timeout=2.0) as client:
             while True:
                 if self.process.poll() is not None:
                     raise ArchiveError(f"{self.name} exited with status {self.process.returncode} while starting: "
                                        f"{self.log_tail()}")
-                try:
-                    client.get(self.ready_url)  # any answer, 401 or 404 included: it listens
-                    return self
-                except httpx.TransportError:
-                    pass
+                if self._answers(client):
+                    return
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise ArchiveError(f"{self.name} did not answer at {self.ready_url} within "
-                                       f"{self.start_timeout:.0f} s: {self.log_tail()}")
+                    raise ArchiveError(f"{self.name} did not answer at {self.ready_url or 'its readiness check'} "
+                                       f"within {self.start_timeout:.0f} s: {self.log_tail()}")
                 time.sleep(0.1)
+
+    def _answers(self, client: httpx.Client) -> bool:
+        if self.ready is not None:
+            return self.ready()
+        try:
+            client.get(self.ready_url)  # any answer, 401 or 404 included: it listens
+            return True
+        except httpx.TransportError:
+            return False
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.stop()
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 15.0) -> None:
+        """TERM, then KILL after ``grace`` seconds."""
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.terminate()
+        self._signal(signal.SIGTERM)
         try:
-            self.process.wait(15)
+            self.process.wait(grace)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            self._signal(signal.SIGKILL)
             self.process.wait(5)
+
+    def _signal(self, sig: int) -> None:
+        assert self.process is not None
+        try:
+            if self.new_session:
+                os.killpg(self.process.pid, sig)
+            else:
+                self.process.send_signal(sig)
+        except ProcessLookupError:
+            pass
 
     def log_tail(self, lines: int = 12) -> str:
         try:
@@ -116,13 +149,18 @@ def orthanc_version() -> str:
     return first[0].split()[-1] if first else "unknown"
 
 
-def orthanc_config(folder: Path, http_port: int) -> dict[str, object]:
-    """A private Orthanc: storage in ``folder``, loopback HTTP only, DICOMweb on ``/dicom-web/``."""
+def orthanc_config(folder: Path, http_port: int, dicom_port: int | None = None) -> dict[str, object]:
+    """A private Orthanc: storage in ``folder``, loopback HTTP only, DICOMweb on ``/dicom-web/``; with
+    ``dicom_port``, also a DICOM listener (AE ``ORTHANC``) that stores and serves C-GET for any caller."""
+    dicom: dict[str, object] = {"DicomServerEnabled": False, "DicomPort": free_port()}  # read even when disabled
+    if dicom_port is not None:
+        dicom = {"DicomServerEnabled": True, "DicomPort": dicom_port, "DicomAet": ORTHANC_AET,
+                 "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
+                 "DicomAlwaysAllowGet": True, "DicomModalities": {}}
     return {
         "Name": "medarchive-bench",
         "HttpPort": http_port,
-        "DicomServerEnabled": False,
-        "DicomPort": free_port(),  # Orthanc 1.10 still reads it; nothing listens with the server disabled
+        **dicom,
         "StorageDirectory": str(folder / "storage"),
         "IndexDirectory": str(folder / "index"),
         "Plugins": [str(DICOMWEB_PLUGIN)],
@@ -139,14 +177,17 @@ def orthanc_config(folder: Path, http_port: int) -> dict[str, object]:
 class Orthanc(ServerProcess):
     """Orthanc with the DICOMweb plugin in ``folder``; ``url`` is its REST root, ``dicomweb`` the DICOMweb root."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, dicom_port: int | None = None, extra_env: Mapping[str, str] | None = None
+                 ) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         port = free_port()
         config = folder / "orthanc.json"
-        config.write_text(json.dumps(orthanc_config(folder, port), indent=2))
+        config.write_text(json.dumps(orthanc_config(folder, port, dicom_port), indent=2))
         self.url = f"http://127.0.0.1:{port}"
         self.dicomweb = f"{self.url}/dicom-web"
+        self.dicom_port = dicom_port
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "TZ")}
+        env.update(extra_env or {})
         super().__init__("Orthanc", [str(ORTHANC_BINARY), str(config)], env=env, log=folder / "orthanc.log",
                          ready_url=f"{self.url}/system", cwd=folder)
 

@@ -144,6 +144,26 @@ class Settings:
     api_max_upload_bytes: int = 2 * 1024**3  # one STOW-RS request; larger answers 413
     api_tls_proxy: bool = False  # behind a TLS-terminating proxy: plain HTTP on a non-loopback address is allowed
 
+    # --- the DICOM network service (medarchive scp: DIMSE C-ECHO, C-STORE, storage commitment, C-FIND/GET/MOVE) ---
+    scp_enabled: bool = False  # `medarchive run` and docker-compose start the SCP too
+    scp_aet: str = "MEDARCHIVE"
+    scp_host: str = "0.0.0.0"
+    scp_port: int = 11112
+    # calling AEs accepted: "AE" (from any address) or "AE@host"; none configured: only callers on loopback
+    # MEDARCHIVE_SCP_ALLOW="PACS1,CT7@10.0.4.21"; TOML: scp_allow = ["PACS1", "CT7@10.0.4.21"]
+    scp_allow: tuple[str, ...] = ()
+    # AE title -> "host:port": C-MOVE destinations, and where storage commitment results go on a new association
+    # MEDARCHIVE_SCP_DESTINATIONS="VIEWER=10.0.4.30:104,CT7=10.0.4.21:104"; TOML: [scp_destinations] VIEWER = "..."
+    scp_destinations: dict[str, str] = field(default_factory=dict)
+    scp_derived_aes: tuple[str, ...] = ()  # calling AEs whose C-FIND also sees derived (normalized, lossy) series
+    scp_min_free_bytes: int = 1024**3  # below this much free space in the home, C-STORE answers 0xA700
+    scp_max_dataset_bytes: int = 2 * 1024**3  # a larger data set closes its association
+    scp_max_associations: int = 32
+    scp_tls_cert: str = ""  # PEM certificate and key: the SCP speaks DICOM TLS (PS3.15 B.1) only
+    scp_tls_key: str = ""
+    scp_tls_ca: str = ""  # with it, callers must present a certificate this CA signed
+    scp_commit_timeout: float = 3600.0  # storage commitment: seconds to wait for instances to be archived
+
     @property
     def blob_dir(self) -> Path:
         return self.home / "blobs"
@@ -155,6 +175,11 @@ class Settings:
     @property
     def spool_dir(self) -> Path:
         return self.home / "spool"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Where the SCP writes what it receives until the study is stable and spooled."""
+        return self.home / "incoming"
 
     @property
     def is_sqlite(self) -> bool:
@@ -322,6 +347,15 @@ def _with_password(url: str, password_file: Path) -> str:
 
 def _coerce(name: str, kind: Any, raw: Any) -> Any:
     kind = str(kind)
+    if kind == "bool":
+        return _switch(f"MEDARCHIVE_{name.upper()}", raw) if isinstance(raw, str) else bool(raw)
+    if kind == "tuple[str, ...]":
+        items = raw.split(",") if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{name} must be a list of strings or a comma-separated string, not {raw!r}")
+        return tuple(str(item).strip() for item in items if str(item).strip())
+    if kind == "dict[str, str]":
+        return _string_table(name, raw)
     try:
         if kind == "int":
             return int(raw)
@@ -330,6 +364,23 @@ def _coerce(name: str, kind: Any, raw: Any) -> Any:
         return str(raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name} must be {'an integer' if kind == 'int' else 'a number'}, not {raw!r}") from exc
+
+
+def _string_table(name: str, raw: Any) -> dict[str, str]:
+    """``"key=value,key2=value2"`` (the environment) or a TOML table of strings."""
+    if isinstance(raw, str):
+        table: dict[str, str] = {}
+        for item in (part.strip() for part in raw.split(",")):
+            if not item:
+                continue
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise ConfigError(f"{name} must look like KEY=VALUE,KEY2=VALUE2, not {raw!r}")
+            table[key.strip()] = value.strip()
+        return table
+    if not isinstance(raw, Mapping) or not all(isinstance(v, str) for v in raw.values()):
+        raise ConfigError(f"{name} must be a table of key = \"value\" strings")
+    return {str(k): v for k, v in raw.items()}
 
 
 def _policies(table: Mapping[str, Any]) -> dict[str, RecompressPolicy]:

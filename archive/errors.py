@@ -79,3 +79,8 @@ class NotAcceptableError(ArchiveError):
 
 class PayloadTooLargeError(ArchiveError):
     """An upload is larger than the configured limit (``api_max_upload_bytes``): HTTP 413."""
+
+
+class IdentifierError(ArchiveError):
+    """A DIMSE query or retrieve identifier the SCP cannot act on (no or a wrong level, a missing unique key):
+    answered 0xA900, Identifier does not match SOP Class."""

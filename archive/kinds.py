@@ -110,3 +110,7 @@ class AccessAction(str, enum.Enum):
     STORE = "store"  # STOW-RS
     ENCODINGS = "encodings"
     SIGN_IN = "sign-in"
+    # the DICOM network service (medarchive scp); the "token name" is then dimse:<calling AE title>
+    ASSOCIATE = "associate"  # one row per association: accepted and released, aborted, or rejected
+    MOVE = "move"  # C-MOVE (C-GET is a retrieve, C-FIND a search, C-STORE a store)
+    COMMIT = "commit"  # storage commitment

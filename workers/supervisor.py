@@ -1,4 +1,4 @@
-"""``medarchive run``: watcher, worker(s) and beat as child processes of one command.
+"""``medarchive run``: watcher, worker(s), beat (and the DICOM SCP when enabled) as child processes of one command.
 
 For the embedded default on one machine. Ctrl-C (or SIGTERM) asks every child
 to stop (SIGTERM: Celery finishes its current task, the watcher stops after
@@ -38,8 +38,10 @@ def role_argv(role: str, *args: str) -> list[str]:
 
 
 def run_all(inbox: Path, *, workers: int, concurrency: int, poll: bool, console: Console,
-            extra_watch_args: Sequence[str] = ()) -> int:
+            extra_watch_args: Sequence[str] = (), scp: bool = False) -> int:
     children = [Child("watcher", role_argv("watch", str(inbox), *(["--poll"] if poll else []), *extra_watch_args))]
+    if scp:
+        children.append(Child("scp", role_argv("scp")))
     children += [Child(f"worker-{n + 1}", role_argv("worker", "--concurrency", str(concurrency), "--name",
                                                      f"medarchive-{n + 1}@%h")) for n in range(workers)]
     children.append(Child("beat", role_argv("beat")))

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from rich.markup import escape
 
 # importing the command modules registers their commands on the app
-from archive.cli import backup, bench_serve, browse, codecs, corrections, features, info, ingest, maintenance, manage, normalize, serve, service, train  # noqa: F401,E501
+from archive.cli import backup, bench_scp, bench_serve, browse, codecs, corrections, features, info, ingest, maintenance, manage, normalize, scp, serve, service, train  # noqa: F401,E501
 from archive.cli._app import app, debug_enabled, err_console
 from archive.errors import ArchiveError
 

@@ -75,12 +75,16 @@ def run(
     workers: Annotated[int, typer.Option(help="Worker processes to start (each with --concurrency).")] = 1,
     concurrency: Annotated[int, typer.Option(help="Processes per worker.")] = 2,
     poll: Annotated[bool, typer.Option("--poll")] = False,
+    scp: Annotated[Optional[bool], typer.Option("--scp/--no-scp", help="Also run the DICOM SCP (medarchive scp; "
+                                                "default: setting scp_enabled).")] = None,
 ) -> None:
-    """Watcher + worker(s) + beat as child processes (the embedded default: no servers); Ctrl-C stops all."""
+    """Watcher + worker(s) + beat (+ the DICOM SCP) as child processes (the embedded default: no servers)."""
     from workers.service import run_all
 
-    Archive.open(Settings.load()).close()  # create or migrate the embedded catalog once, before the children
-    raise typer.Exit(run_all(inbox, workers=workers, concurrency=concurrency, poll=poll, console=err_console))
+    settings = Settings.load()
+    Archive.open(settings).close()  # create or migrate the embedded catalog once, before the children
+    raise typer.Exit(run_all(inbox, workers=workers, concurrency=concurrency, poll=poll, console=err_console,
+                             scp=settings.scp_enabled if scp is None else scp))
 
 
 @app.command()

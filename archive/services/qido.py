@@ -82,6 +82,30 @@ def search_instances(archive: Archive, study_uid: str | None, series_uid: str | 
     return _search(archive, _INSTANCE, params, base_url=base_url, study_uid=study_uid, series_uid=series_uid)
 
 
+def search_patients(archive: Archive, params: Mapping[str, Sequence[str]]) -> QidoResult:
+    """Patients (one answer per Patient ID) with a study matching ``params``: the DIMSE C-FIND PATIENT level.
+
+    QIDO-RS has no patient resource; the matching keys are those of the study level's patient attributes.
+    The name, birth date and sex are the patient's newest study's; the counts cover all of the patient's studies.
+    """
+    request = _parse(_PATIENT, params)
+    request.limit = min(request.limit, MAX_LIMIT)
+    with archive.unit_of_work() as uow:
+        dialect = uow.session.get_bind().dialect.name
+        ctx = _Context("", request.include_derived, dialect)
+        if dialect == "sqlite":
+            _register_sqlite_lower(uow.session)
+        rows = list(uow.session.execute(_patient_statement(request, ctx)).mappings())
+    if len(rows) > request.limit:
+        rows = rows[:request.limit]
+        if request.client_limit is None or request.client_limit != request.limit:
+            request.warnings.append(TRUNCATED)
+    default = {a.tag for a in _PATIENT.attrs}
+    plan = sorted((a for t, a in _PATIENT.catalog.items() if t in default or t in request.returned),
+                  key=lambda a: a.tag)
+    return QidoResult([_json_of(row, plan, ctx) for row in rows], request.warnings)
+
+
 def query_attribute_names(params: Mapping[str, Sequence[str]]) -> list[str]:
     """The sorted NAMES of a query's parameters (keywords where a tag was given): what the access log records."""
     names = set()
@@ -167,6 +191,16 @@ _STUDY_ATTRS = [
     _attr("StudyInstanceUID", _col("study_uid")), _attr("StudyID", _col("dicom_study_id")),
     _attr("NumberOfStudyRelatedSeries", _study_series), _attr("NumberOfStudyRelatedInstances", _study_instances),
     _attr("StudyDescription", _col("study_description")),
+]
+_PATIENT_ATTRS = [
+    _attr("SpecificCharacterSet", _UTF8), _attr("PatientName", _col("patient_name")),
+    _attr("PatientID", _col("patient_id")), _attr("PatientBirthDate", _col("patient_birth_date")),
+    _attr("PatientSex", _col("patient_sex")),
+]
+_PATIENT_EXTRA = [  # counted only when asked for
+    _attr("NumberOfPatientRelatedStudies", _col("patient_num_studies")),
+    _attr("NumberOfPatientRelatedSeries", _col("patient_num_series")),
+    _attr("NumberOfPatientRelatedInstances", _col("patient_num_instances")),
 ]
 _SERIES_ATTRS = [
     _attr("SpecificCharacterSet", _UTF8), _attr("Modality", _col("modality")),
@@ -344,6 +378,9 @@ def _level(name: str, attrs: list[_Attr], extra: list[_Attr], keys: dict[int, _C
     return _Level(name, attrs, catalog, keys, header_all)
 
 
+_PATIENT_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
+_PATIENT = _level("patient", _PATIENT_ATTRS, _PATIENT_EXTRA,
+                  {t: c for t, c in _STUDY_KEYS.items() if keyword_for_tag(t) in _PATIENT_KEYWORDS}, ())
 _STUDY = _level("study", _STUDY_ATTRS, [], _STUDY_KEYS, _STUDY_ALL)
 _SERIES = _level("series", _SERIES_ATTRS, _SERIES_EXTRA + _STUDY_ATTRS, {**_STUDY_KEYS, **_SERIES_KEYS}, _SERIES_ALL)
 _INSTANCE = _level("instance", _INSTANCE_ATTRS, _INSTANCE_EXTRA + _SERIES_ATTRS + _SERIES_EXTRA + _STUDY_ATTRS,
@@ -491,6 +528,29 @@ def _statement(level: _Level, request: _Request, ctx: _Context, study_uid: str |
         if condition is not None:
             query = query.where(condition)
     return query.limit(request.limit + 1).offset(request.offset)
+
+
+def _patient_statement(request: _Request, ctx: _Context) -> Select[Any]:
+    """Patient IDs with a matching study, then every study of those patients: counted, the newest one named."""
+    matched = select(Study.patient_id).where(Study.patient_id.is_not(None))
+    for tag, value in request.conditions:
+        condition = _PATIENT.keys[tag](value, ctx)
+        if condition is not None:
+            matched = matched.where(condition)
+    every = aliased(Study)  # not Study: the matching subquery must not correlate with the outer query
+    series = every.num_series + every.num_derived_series if ctx.include_derived else every.num_series
+    instances = every.num_instances + every.num_derived_instances if ctx.include_derived else every.num_instances
+    patients = (select(every.patient_id.label("pid"), func.max(every.id).label("newest"),
+                       func.count(every.id).label("patient_num_studies"),
+                       func.sum(series).label("patient_num_series"),
+                       func.sum(instances).label("patient_num_instances"))
+                .where(every.patient_id.in_(matched)).group_by(every.patient_id).subquery())
+    newest = aliased(Study)
+    return (select(patients.c.pid.label("patient_id"), newest.patient_name.label("patient_name"),
+                   newest.patient_birth_date.label("patient_birth_date"), newest.patient_sex.label("patient_sex"),
+                   patients.c.patient_num_studies, patients.c.patient_num_series, patients.c.patient_num_instances)
+            .join(newest, newest.id == patients.c.newest).order_by(patients.c.pid)
+            .limit(request.limit + 1).offset(request.offset))
 
 
 def _search(archive: Archive, level: _Level, params: Mapping[str, Sequence[str]], *, base_url: str,

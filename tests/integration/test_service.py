@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import pydicom
 import pytest
 from sqlalchemy import select
 
+from archive.bench_serve_orthanc import free_port
 from archive.catalog.models import Encoding, Instance, ItemStatus, Job, JobItem, QuarantineEntry, Series, Study
 from archive.kinds import Lane
 from archive.services.jobs import submit_paths
@@ -362,7 +364,9 @@ def _study(path: Path) -> str:
 
 
 def test_run_starts_every_role_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    service = _service(tmp_path, f"sqlite:///{tmp_path / 'home' / 'catalog.sqlite'}", "")
+    port = str(free_port())
+    service = _service(tmp_path, f"sqlite:///{tmp_path / 'home' / 'catalog.sqlite'}", "",
+                       MEDARCHIVE_SCP_ENABLED="on", MEDARCHIVE_SCP_PORT=port)
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     source = shared_data() / MR_GE / "01_3_Plane_Localizer_FF"
@@ -371,8 +375,13 @@ def test_run_starts_every_role_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> No
         _copy(source, inbox)
         jobs = service.wait_for(lambda: service.jobs_finished(1), 120, "the study via `medarchive run`")
         assert jobs[0].status.value == "done" and jobs[0].counts["stored"] == 21
+        sent = sorted((shared_data() / "mr-siemens-prisma").rglob("*.dcm"))[:3]  # and one over DICOM (scp_enabled)
+        subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "MEDARCHIVE", "127.0.0.1", port, *map(str, sent)],
+                       check=True, capture_output=True, timeout=60)
+        jobs = service.wait_for(lambda: service.jobs_finished(2), 120, "the study sent to the SCP of `run`")
+        assert jobs[1].status.value == "done" and jobs[1].counts["stored"] == 3
         children = _children(run.pid)
-        assert len(children) >= 3  # watcher, worker, beat
+        assert len(children) >= 4  # watcher, worker, beat, scp
         os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         assert run.wait(timeout=90) == 0
         assert not [pid for pid in children if _alive(pid)]

@@ -295,3 +295,21 @@ def test_every_medarchive_variable_the_repository_reads_is_known() -> None:
     # Lossy Image Compression Method names (archive.services.lossy.lossy_method), not variables
     used = {name for name in used if not name.startswith(("MEDARCHIVE_PCA", "MEDARCHIVE_KMEANS", "MEDARCHIVE_BOUNDED"))}
     assert used - known_environment() == set()
+
+
+def test_scp_settings_from_environment_and_file(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    _toml(home / "medarchive.toml", 'scp_allow = ["PACS1", "CT7@10.0.4.21"]\nscp_port = 104\n'
+          '[scp_destinations]\nVIEWER = "10.0.4.30:104"\n')
+    settings = Settings.load(environ={"MEDARCHIVE_HOME": str(home), "MEDARCHIVE_SCP_ENABLED": "on",
+                                      "MEDARCHIVE_SCP_DERIVED_AES": "RESEARCH, AI1"})
+    assert settings.scp_allow == ("PACS1", "CT7@10.0.4.21") and settings.scp_port == 104
+    assert settings.scp_destinations == {"VIEWER": "10.0.4.30:104"} and settings.scp_enabled is True
+    assert settings.scp_derived_aes == ("RESEARCH", "AI1") and settings.scp_aet == "MEDARCHIVE"
+    from_env = Settings.load(environ={"MEDARCHIVE_HOME": str(home), "MEDARCHIVE_SCP_ALLOW": "A,B@h",
+                                      "MEDARCHIVE_SCP_DESTINATIONS": "V=1.2.3.4:11112,W=h:104"})
+    assert from_env.scp_allow == ("A", "B@h") and from_env.scp_destinations == {"V": "1.2.3.4:11112", "W": "h:104"}
+    with pytest.raises(ConfigError, match="MEDARCHIVE_SCP_ENABLED must be on or off"):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(home), "MEDARCHIVE_SCP_ENABLED": "maybe"})
+    with pytest.raises(ConfigError, match="scp_destinations must look like"):
+        Settings.load(environ={"MEDARCHIVE_HOME": str(home), "MEDARCHIVE_SCP_DESTINATIONS": "VIEWER"})
