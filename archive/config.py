@@ -155,7 +155,8 @@ class Settings:
     # AE title -> "host:port": C-MOVE destinations, and where storage commitment results go on a new association
     # MEDARCHIVE_SCP_DESTINATIONS="VIEWER=10.0.4.30:104,CT7=10.0.4.21:104"; TOML: [scp_destinations] VIEWER = "..."
     scp_destinations: dict[str, str] = field(default_factory=dict)
-    scp_derived_aes: tuple[str, ...] = ()  # calling AEs whose C-FIND also sees derived (normalized, lossy) series
+    scp_derived_aes: tuple[str, ...] = ()  # calling AEs that also see derived series (normalized, lossy): C-FIND,
+    # and in C-GET/C-MOVE of a whole study or patient
     scp_min_free_bytes: int = 1024**3  # below this much free space in the home, C-STORE answers 0xA700
     scp_max_dataset_bytes: int = 2 * 1024**3  # a larger data set closes its association
     scp_max_associations: int = 32
