@@ -85,6 +85,7 @@ def test_sign_in_find_the_study_and_see_the_difference_image(browser: Any, serve
     search = wait.until(ec.presence_of_element_located((By.NAME, "patient")))
     search.send_keys(patient_id)
     search.submit()
+    wait.until(ec.staleness_of(search))  # the filtered page replaced the list (whose link would go stale)
     link = wait.until(ec.element_to_be_clickable(
         (By.CSS_SELECTOR, f'tr[data-study="{served.ct_study_uid}"] a')))
     assert not browser.find_elements(By.CSS_SELECTOR, f'tr[data-study="{served.html_study_uid}"]')
