@@ -91,3 +91,13 @@ def sqlite_archive(tmp_path: Path) -> Iterator[Archive]:
     opened = Archive.open(settings)
     yield opened
     opened.close()
+
+
+def copy_ct_and_mr(source: Path) -> None:
+    """The server tests' archive: CT patient A002304 (two studies of three one-instance series) under
+    ``source/ct`` and eight MR instances of one series (mr-siemens-prisma) under ``source/mr``."""
+    data = shared_data()
+    shutil.copytree(data / "ct-chest-tcia" / "A002304", source / "ct")
+    (source / "mr").mkdir(parents=True)
+    for path in sorted((data / "mr-siemens-prisma").rglob("*.dcm"))[:8]:
+        shutil.copy2(path, source / "mr" / path.name)

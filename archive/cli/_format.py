@@ -55,3 +55,18 @@ def table(title: str, *columns: Column) -> Table:
 def cell(text: Any) -> str:
     """Catalog text as a table cell: escaped, so ``[...]`` in a patient name is not taken as markup."""
     return escape(str(text)) if text is not None else ""
+
+
+def number(value: float | None, digits: int = 2) -> str:
+    """A benchmark figure, or ``-`` where it was not measured."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_goals_and_notes(console: Any, result: dict[str, Any]) -> None:
+    """A benchmark's goal lines (met, missed, not measured; with the ratio when it has one), then its notes."""
+    marks = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "[yellow]not measured[/yellow]"}
+    for goal in result["goals"]:
+        ratio = f" (× {number(goal['ratio'])})" if "ratio" in goal else ""
+        console.print(f"{marks[goal['met']]}  {goal['goal']}{ratio}", highlight=False)
+    for note in result["notes"]:
+        console.print(f"• {note}", markup=False)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from archive.cli._app import bench_app, console, err_console, run_benchmark
+from archive.cli._format import number, print_goals_and_notes
 
 # as in archive.bench_scp (not imported here: the command line loads the benchmark's libraries only when it runs)
 MEDARCHIVE: Final[str] = "medarchive"
@@ -61,21 +62,18 @@ def bench_scp(
     run_benchmark(run_scp_benchmark, print_scp_benchmark, folder, options, as_json)
 
 
-def _num(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _store_cells(stat: dict[str, Any] | None) -> list[str]:
     """ack s, ack inst/s (MB/s), archived s, archived inst/s (MB/s); Orthanc's archived = its acknowledgment."""
     if stat is None:
         return ["-"] * 4
-    ack = f"{_num(stat['ack']['instances_per_s'])} ({_num(stat['ack']['mb_per_s'])})"
+    ack = f"{number(stat['ack']['instances_per_s'], 1)} ({number(stat['ack']['mb_per_s'], 1)})"
     if "archived_rate" in stat:
         done = stat["archived_rate"]
-        archived = [_num(stat["archived_seconds"], 2), f"{_num(done['instances_per_s'])} ({_num(done['mb_per_s'])})"]
+        archived = [number(stat["archived_seconds"], 2),
+                    f"{number(done['instances_per_s'], 1)} ({number(done['mb_per_s'], 1)})"]
     else:
-        archived = [_num(stat["ack_seconds"], 2), ack]
-    return [_num(stat["ack_seconds"], 2), ack, *archived]
+        archived = [number(stat["ack_seconds"], 2), ack]
+    return [number(stat["ack_seconds"], 2), ack, *archived]
 
 
 def _failed(stat: dict[str, Any] | None) -> str:
@@ -100,7 +98,7 @@ def print_scp_benchmark(result: dict[str, Any], console: Console) -> None:
             stat = row.get(name)
             if stat is None:
                 continue
-            ratio = _num(row["ratio_archived"], 2) if name == MEDARCHIVE else ""
+            ratio = number(row["ratio_archived"], 2) if name == MEDARCHIVE else ""
             store.add_row(str(row["associations"]), name + _failed(stat), *_store_cells(stat), ratio)
     console.print(store)
     study = result["get_study"]
@@ -111,15 +109,10 @@ def print_scp_benchmark(result: dict[str, Any], console: Console) -> None:
     for name in (MEDARCHIVE, ORTHANC):
         stat = result["get"].get(name)
         if stat is not None:
-            get.add_row(name + _failed(stat), _num(stat["seconds"], 2), _num(stat["instances_per_s"]),
-                        _num(stat["mb_per_s"]), _num(result["get"]["ratio"], 2) if name == MEDARCHIVE else "")
+            get.add_row(name + _failed(stat), number(stat["seconds"], 2), number(stat["instances_per_s"], 1),
+                        number(stat["mb_per_s"], 1), number(result["get"]["ratio"], 2) if name == MEDARCHIVE else "")
     console.print(get)
-    for goal in result["goals"]:
-        mark = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "[yellow]not measured[/yellow]"}[
-            goal["met"]]
-        console.print(f"{mark}  {goal['goal']} (× {_num(goal['ratio'], 2)})", highlight=False)
-    for note in result["notes"]:
-        console.print(f"• {note}", markup=False)
+    print_goals_and_notes(console, result)
 
 
 def markdown_scp_benchmark(result: dict[str, Any]) -> str:
@@ -133,20 +126,21 @@ def markdown_scp_benchmark(result: dict[str, Any]) -> str:
     for row in result["store"]:
         mine, theirs = row[MEDARCHIVE], row.get(ORTHANC)
         label = f"C-STORE, {row['associations']} association(s)"
-        theirs_ack = f"{_num(theirs['ack']['instances_per_s'])} ({_num(theirs['ack']['mb_per_s'])})" if theirs else "-"
-        lines.append(f"| {label}, to acknowledgment: s; instances/s (MB/s) | {_num(mine['ack_seconds'], 2)}; "
-                     f"{_num(mine['ack']['instances_per_s'])} ({_num(mine['ack']['mb_per_s'])}) | "
-                     f"{_num(theirs['ack_seconds'], 2) + '; ' if theirs else ''}{theirs_ack} | "
-                     f"{_num(row['ratio_ack'], 2)} |")
+        theirs_ack = (f"{number(theirs['ack']['instances_per_s'], 1)} ({number(theirs['ack']['mb_per_s'], 1)})"
+                      if theirs else "-")
+        lines.append(f"| {label}, to acknowledgment: s; instances/s (MB/s) | {number(mine['ack_seconds'], 2)}; "
+                     f"{number(mine['ack']['instances_per_s'], 1)} ({number(mine['ack']['mb_per_s'], 1)}) | "
+                     f"{number(theirs['ack_seconds'], 2) + '; ' if theirs else ''}{theirs_ack} | "
+                     f"{number(row['ratio_ack'], 2)} |")
         done = mine["archived_rate"]
         lines.append(f"| {label}, to archived (Orthanc: stored = acknowledged): s; instances/s (MB/s) | "
-                     f"{_num(mine['archived_seconds'], 2)}; {_num(done['instances_per_s'])} "
-                     f"({_num(done['mb_per_s'])}) | {_num(theirs['ack_seconds'], 2) + '; ' if theirs else ''}"
-                     f"{theirs_ack} | {_num(row['ratio_archived'], 2)} |")
+                     f"{number(mine['archived_seconds'], 2)}; {number(done['instances_per_s'], 1)} "
+                     f"({number(done['mb_per_s'], 1)}) | {number(theirs['ack_seconds'], 2) + '; ' if theirs else ''}"
+                     f"{theirs_ack} | {number(row['ratio_archived'], 2)} |")
     study = result["get_study"]
     mine_get, theirs_get = result["get"][MEDARCHIVE], result["get"].get(ORTHANC)
     lines.append(f"| C-GET of a {study['instances']}-instance study: s; instances/s (MB/s) | {_get_cell(mine_get)} | "
-                 f"{_get_cell(theirs_get)} | {_num(result['get']['ratio'], 2)} |")
+                 f"{_get_cell(theirs_get)} | {number(result['get']['ratio'], 2)} |")
     lines.append("")
     for goal in result["goals"]:
         lines.append(f"- {goal['goal']}: {({True: 'met', False: 'missed', None: 'not measured'})[goal['met']]}")
@@ -154,4 +148,6 @@ def markdown_scp_benchmark(result: dict[str, Any]) -> str:
 
 
 def _get_cell(stat: dict[str, Any] | None) -> str:
-    return f"{_num(stat['seconds'], 2)}; {_num(stat['instances_per_s'])} ({_num(stat['mb_per_s'])})" if stat else "-"
+    if stat is None:
+        return "-"
+    return f"{number(stat['seconds'], 2)}; {number(stat['instances_per_s'], 1)} ({number(stat['mb_per_s'], 1)})"

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from archive.cli._app import bench_app, console, err_console, run_benchmark
+from archive.cli._format import number, print_goals_and_notes
 
 # as in archive.bench_serve (not imported here: the command line loads the benchmark's libraries only when it runs)
 MB: Final[float] = 1e6
@@ -60,10 +61,6 @@ def _ms(stat: dict[str, Any] | None) -> str:
     return text + (f" ({stat['failures']} failed)" if stat.get("failures") else "")
 
 
-def _num(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _syntax_label(syntax: str) -> str:
     return "Explicit VR LE" if syntax == EXPLICIT_LE else "transfer-syntax=*"
 
@@ -90,7 +87,7 @@ def print_serve_benchmark(result: dict[str, Any], console: Console) -> None:
         qido.add_column(column, justify="left" if left else "right", no_wrap=not left, overflow="fold")
     for row in result.get("qido", []):
         qido.add_row(row["catalog"], row["query"], _found(row), _ms(row.get(MEDARCHIVE)), _ms(row.get(ORTHANC)),
-                     _num(row["ratio_median"]))
+                     number(row["ratio_median"]))
     console.print(qido)
     wado = Table(title=f"WADO-RS of a study ({result['wado_study']['instances']} instances, "
                        f"{', '.join(result['wado_study']['matrices'])}); × = instances/s ratio",
@@ -104,16 +101,11 @@ def print_serve_benchmark(result: dict[str, Any], console: Console) -> None:
                 continue
             failed = f" ({stat['failures']} failed)" if stat.get("failures") else ""
             wado.add_row("expl. LE" if row["transfer_syntax"] == EXPLICIT_LE else "*", str(row["clients"]),
-                         name + failed, _num(stat["instances_per_s"], 1), _num(stat["mb_per_s"], 1),
-                         _num(stat["median_ms"], 1), _num(stat["p95_ms"], 1), _num(stat["bytes_per_study"] / MB),
-                         _num(row["ratio_instances_per_s"]) if name == MEDARCHIVE else "")
+                         name + failed, number(stat["instances_per_s"], 1), number(stat["mb_per_s"], 1),
+                         number(stat["median_ms"], 1), number(stat["p95_ms"], 1), number(stat["bytes_per_study"] / MB),
+                         number(row["ratio_instances_per_s"]) if name == MEDARCHIVE else "")
     console.print(wado)
-    for goal in result["goals"]:
-        mark = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "[yellow]not measured[/yellow]"}[
-            goal["met"]]
-        console.print(f"{mark}  {goal['goal']}", highlight=False)
-    for note in result["notes"]:
-        console.print(f"• {note}", markup=False)
+    print_goals_and_notes(console, result)
 
 
 def markdown_serve_benchmark(result: dict[str, Any]) -> str:
@@ -125,15 +117,15 @@ def markdown_serve_benchmark(result: dict[str, Any]) -> str:
              f"| figure | medarchive | {orthanc_name} | medarchive / Orthanc |", "| --- | --- | --- | --- |"]
     for row in result.get("qido", []):
         lines.append(f"| QIDO `{row['query']}` ({row['catalog']}, {_found(row)} found), ms median / p95 | "
-                     f"{_ms(row.get(MEDARCHIVE))} | {_ms(row.get(ORTHANC))} | {_num(row['ratio_median'])} |")
+                     f"{_ms(row.get(MEDARCHIVE))} | {_ms(row.get(ORTHANC))} | {number(row['ratio_median'])} |")
     for row in result.get("wado", []):
         label = f"WADO-RS study, {_syntax_label(row['transfer_syntax'])}, {row['clients']} client(s)"
         mine, theirs = row.get(MEDARCHIVE) or {}, row.get(ORTHANC) or {}
         lines.append(f"| {label}: ms per study median / p95 | {_ms(mine)} | {_ms(theirs)} | "
-                     f"{_num(row['ratio_median'])} |")
-        lines.append(f"| {label}: instances/s (MB/s) | {_num(mine.get('instances_per_s'), 1)} "
-                     f"({_num(mine.get('mb_per_s'), 1)}) | {_num(theirs.get('instances_per_s'), 1)} "
-                     f"({_num(theirs.get('mb_per_s'), 1)}) | {_num(row['ratio_instances_per_s'])} |")
+                     f"{number(row['ratio_median'])} |")
+        lines.append(f"| {label}: instances/s (MB/s) | {number(mine.get('instances_per_s'), 1)} "
+                     f"({number(mine.get('mb_per_s'), 1)}) | {number(theirs.get('instances_per_s'), 1)} "
+                     f"({number(theirs.get('mb_per_s'), 1)}) | {number(row['ratio_instances_per_s'])} |")
     lines.append("")
     for goal in result["goals"]:
         lines.append(f"- {goal['goal']}: {({True: 'met', False: 'missed', None: 'not measured'})[goal['met']]}")

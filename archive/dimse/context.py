@@ -39,9 +39,11 @@ class ScpContext:
                 found = self.logs[id(assoc)] = AssociationLog(str(calling).strip(), str(requestor.address))
             return found
 
-    def end(self, assoc: Any) -> tuple[AssociationLog | None, int]:
+    def end(self, assoc: Any) -> AssociationLog | None:
+        """Forget a closed association; its audit record, to be written."""
         with self.lock:
-            return self.logs.pop(id(assoc), None), self.received.pop(id(assoc), 0)
+            self.received.pop(id(assoc), None)
+            return self.logs.pop(id(assoc), None)
 
     def include_derived(self, assoc: Any) -> bool:
         """Derived series (normalized, lossy) are shown to C-FIND only for the configured AEs, as in QIDO."""

@@ -111,7 +111,7 @@ def _on_requested(event: Any, ctx: ScpContext) -> None:
 
 
 def _on_closed(event: Any, ctx: ScpContext) -> None:
-    association, _ = ctx.end(event.assoc)
+    association = ctx.end(event.assoc)
     if association is None:
         return
     assoc = event.assoc

@@ -17,16 +17,14 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from archive.catalog.models import Instance, InstanceStatus, QuarantineEntry
-from archive.errors import BlobCorruptError, BlobNotFoundError
-from archive.services.blobs import blob_refs
-from archive.services.references import blob_references
+from archive.services.integrity import verify_instances
 from archive.services.runtime import Archive
 
 log = logging.getLogger(__name__)
@@ -188,35 +186,3 @@ def _quarantined(session: Session, uids: list[str]) -> dict[str, str]:
         if uid is not None:
             found.setdefault(uid, error_type)
     return found
-
-
-def verify_instances(archive: Archive, instance_ids: Iterable[int]) -> dict[int, str]:
-    """Re-read every blob the instances reference (frames, codec contexts, headers, dictionaries, revisions).
-
-    Returns the instances with a missing or corrupt blob and what is wrong;
-    the same references and the same re-hashing read as ``verify_blobs``,
-    scoped to a few instances instead of whole studies.
-    """
-    ids = sorted(set(instance_ids))
-    problems: dict[int, str] = {}
-    for start in range(0, len(ids), _BATCH):
-        batch = ids[start:start + _BATCH]
-        with archive.unit_of_work() as uow:
-            refs = blob_references(instance_ids=select(Instance.id).where(Instance.id.in_(batch))).subquery()
-            uses = uow.session.execute(select(refs.c.digest, refs.c.instance_id).distinct()).all()
-            locations = blob_refs(uow.session, {digest for digest, _ in uses})
-        bad: dict[str, str] = {}
-        for digest in sorted({digest for digest, _ in uses}):
-            try:
-                if digest not in locations:
-                    raise BlobNotFoundError(f"blob {digest} has no catalog row")
-                archive.store.get(locations[digest])
-            except BlobNotFoundError:
-                bad[digest] = f"stored blob {digest[:12]} is missing"
-            except BlobCorruptError:
-                bad[digest] = f"stored blob {digest[:12]} is corrupt"
-        for digest, instance_id in uses:
-            if digest in bad:
-                problems[instance_id] = bad[digest]
-                log.warning("storage commitment: instance %d fails verification: %s", instance_id, bad[digest])
-    return problems

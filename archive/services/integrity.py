@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -175,16 +175,10 @@ def verify_blobs(
             locations = blob_refs(uow.session, page)
         bad: dict[str, str] = {}
         for digest in page:
-            try:
-                if digest not in locations:
-                    raise BlobNotFoundError(f"blob {digest} has no catalog row")
-                data = archive.store.get(locations[digest])
-            except BlobNotFoundError:
-                bad[digest] = MISSING
-            except BlobCorruptError:
-                bad[digest] = CORRUPT
-            else:
-                report.bytes_checked += len(data)
+            problem, nbytes = check_blob(archive, locations, digest)
+            if problem:
+                bad[digest] = problem
+            report.bytes_checked += nbytes
             report.blobs_checked += 1
             if on_blob is not None:
                 on_blob(digest, digest not in bad)
@@ -204,6 +198,41 @@ def verify_blobs(
         except OSError:
             pass  # the figures are for monitoring; the report itself is what the caller acts on
     return report
+
+
+def check_blob(archive: Archive, locations: dict[str, BlobRef], digest: str) -> tuple[str | None, int]:
+    """Read one blob back, re-hashing it: (MISSING, CORRUPT or None, bytes read)."""
+    try:
+        if digest not in locations:
+            raise BlobNotFoundError(f"blob {digest} has no catalog row")
+        return None, len(archive.store.get(locations[digest]))
+    except BlobNotFoundError:
+        return MISSING, 0
+    except BlobCorruptError:
+        return CORRUPT, 0
+
+
+def verify_instances(archive: Archive, instance_ids: Iterable[int], *, batch: int = 200) -> dict[int, str]:
+    """Re-read every blob the instances reference (frames, codec contexts, headers, dictionaries, revisions).
+
+    ``verify_blobs`` scoped to a few instances (storage commitment asks about
+    the instances it is about to commit): the instances with a missing or
+    corrupt blob, and what is wrong.
+    """
+    ids = sorted(set(instance_ids))
+    problems: dict[int, str] = {}
+    for start in range(0, len(ids), batch):
+        chunk = ids[start:start + batch]
+        with archive.unit_of_work() as uow:
+            refs = blob_references(instance_ids=select(Instance.id).where(Instance.id.in_(chunk))).subquery()
+            uses = uow.session.execute(select(refs.c.digest, refs.c.instance_id).distinct()).all()
+            locations = blob_refs(uow.session, {digest for digest, _ in uses})
+        bad = {digest: problem for digest in sorted({d for d, _ in uses})
+               if (problem := check_blob(archive, locations, digest)[0])}
+        for digest, instance_id in uses:
+            if digest in bad:
+                problems[instance_id] = f"stored blob {digest[:12]} is {bad[digest]}"
+    return problems
 
 
 def _references(study_id: int | None) -> Select[tuple[str, int]]:

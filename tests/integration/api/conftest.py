@@ -11,7 +11,6 @@ and the normalized series ingest makes.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from archive.kinds import DerivationKind
 from archive.services.ingest import ingest_paths
 from archive.services.lossy import derive_lossy
 from archive.services.runtime import Archive
-from tests.conftest import shared_data
+from tests.conftest import copy_ct_and_mr
 from tests.synthetic import with_new_uids
 
 TOKEN = "tests-token-0123456789abcdef"
@@ -95,13 +94,9 @@ def serve(archive: Archive) -> tuple[str, ThreadedServer]:
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    data = shared_data()
     root = tmp_path_factory.mktemp("served")
     source = root / "source"
-    shutil.copytree(data / "ct-chest-tcia" / "A002304", source / "ct")
-    (source / "mr").mkdir(parents=True)
-    for path in sorted((data / "mr-siemens-prisma").rglob("*.dcm"))[:8]:
-        shutil.copy2(path, source / "mr" / path.name)
+    copy_ct_and_mr(source)
     _html_named_instance(source / "html" / "html.dcm")
     settings = Settings.load(environ={}, home=root / "home", normalize=True,
                              api_tokens={"tests": TOKEN, "other": OTHER_TOKEN})

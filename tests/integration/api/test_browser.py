@@ -26,20 +26,18 @@ CHROMEDRIVER = os.environ.get("MEDARCHIVE_CHROMEDRIVER", "/usr/bin/chromedriver"
 WAIT = 10.0
 
 
-def _browser_or_skip() -> tuple[str, str]:
+def _browser() -> tuple[str, str]:
     chromium = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
     driver = CHROMEDRIVER if Path(CHROMEDRIVER).exists() else shutil.which("chromedriver")
     if chromium and driver:
         return chromium, driver
-    reason = "chromium and chromium-driver are not installed (Debian: apt-get install chromium chromium-driver)"
-    if os.environ.get("CI"):
-        pytest.fail(reason + "; CI must run the browser test")
-    pytest.skip(reason)
+    pytest.fail("chromium and chromium-driver are not installed (Debian: apt-get install chromium chromium-driver; "
+                "bash .ci/run installs them)")
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    chromium, driver_path = _browser_or_skip()
+    chromium, driver_path = _browser()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

@@ -36,7 +36,7 @@ from archive.services import jobs
 from archive.services.ingest import ingest_paths
 from archive.services.lossy import derive_lossy
 from archive.services.runtime import Archive
-from tests.conftest import shared_data
+from tests.conftest import copy_ct_and_mr
 
 NEAR2 = {"id": "jpegls", "near": 2}
 DERIVED_AE = "DERIVEDOK"  # a calling AE configured to see derived series in C-FIND
@@ -83,13 +83,9 @@ def inline_dispatcher(archive: Archive) -> jobs.Dispatcher:
 
 @pytest.fixture(scope="session")
 def scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scp]:
-    data = shared_data()
     root = tmp_path_factory.mktemp("scp")
     source = root / "source"
-    shutil.copytree(data / "ct-chest-tcia" / "A002304", source / "ct")
-    (source / "mr").mkdir(parents=True)
-    for path in sorted((data / "mr-siemens-prisma").rglob("*.dcm"))[:8]:
-        shutil.copy2(path, source / "mr" / path.name)
+    copy_ct_and_mr(source)
     destinations = {"MOVEDEST": free_port(), "COMMITSCU": free_port()}
     port = free_port()
     settings = Settings.load(

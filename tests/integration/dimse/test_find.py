@@ -254,7 +254,7 @@ def test_a_cancel_stops_the_answers_between_matches(scp: Scp) -> None:
         statuses.append(status)
         event.answered += answer is not None
     assert statuses == [PENDING, CANCEL]
-    association, _ = ctx.end(event.assoc)
+    association = ctx.end(event.assoc)
     assert association is not None
     [(key, tally)] = association.tallies.items()
     assert key == (AccessAction.SEARCH, "C-FIND IMAGE: SOPInstanceUID, StudyInstanceUID")

@@ -23,15 +23,7 @@ from archive.services.cfind import (
 )
 from archive.services.qido import search_patients
 from archive.services.runtime import Archive
-
-
-def identifier(level: str | None, **keys: object) -> Dataset:
-    ds = Dataset()
-    if level is not None:
-        ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
+from tests.unit.dimse import identifier
 
 
 def over_the_wire(ds: Dataset) -> Dataset:

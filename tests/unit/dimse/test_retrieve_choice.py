@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -23,17 +22,9 @@ from archive.services.dimse_retrieve import (
     sendable_syntaxes,
 )
 from archive.services.wado import PlannedInstance
+from tests.unit.dimse import identifier
 
 CT, MR = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
-
-
-def identifier(level: str | None, **keys: object) -> Dataset:
-    ds = Dataset()
-    if level is not None:
-        ds.QueryRetrieveLevel = level
-    for keyword, value in keys.items():
-        setattr(ds, keyword, value)
-    return ds
 
 
 def planned(mode: StorageMode, syntax: str) -> PlannedInstance:
